@@ -1,0 +1,1 @@
+complete --command gcsstream --no-files --arguments "(env _GCSSTREAM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) gcsstream)" --condition "env _GCSSTREAM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) gcsstream"

@@ -1,0 +1,44 @@
+"""gcsstream: stream stdin or files of any size into Google Cloud Storage, verified end to end."""
+
+from gcsstream.engine import Uploader, UploadResult
+from gcsstream.errors import (
+    AuthError,
+    GcsstreamError,
+    IntegrityError,
+    Interrupted,
+    NotFoundError,
+    PreconditionError,
+    ServiceError,
+    SourceError,
+    TransientError,
+    UsageError,
+)
+from gcsstream.options import ObjectMetadata, ObjectURL, UploadOptions, parse_gs_url
+from gcsstream.sources import FileSource, IterableSource, StreamSource
+from gcsstream.transport import Transport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "FileSource",
+    "GcsstreamError",
+    "IntegrityError",
+    "Interrupted",
+    "IterableSource",
+    "NotFoundError",
+    "ObjectMetadata",
+    "ObjectURL",
+    "PreconditionError",
+    "ServiceError",
+    "SourceError",
+    "StreamSource",
+    "Transport",
+    "TransientError",
+    "UploadOptions",
+    "UploadResult",
+    "UsageError",
+    "Uploader",
+    "__version__",
+    "parse_gs_url",
+]

@@ -1,0 +1,284 @@
+"""The upload engine: one source, one resumable session, every byte confirmed and checked.
+
+``Uploader.upload`` is the single upload implementation behind the command line and the
+library. It reads through a ``ChunkWindow`` (bounded memory, read-ahead overlapping the send),
+lets ``ResumableSession`` decide what each request is and what each answer means, sends through
+an ``HTTPTransport``, retries transient failures with backoff and a status query before each
+resend, and reports progress as events. It never touches a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import requests
+from google.auth import exceptions as auth_exceptions
+from google.resumable_media import common
+
+from gcsstream.checksums import Checksums
+from gcsstream.errors import (
+    AuthError,
+    GcsstreamError,
+    IntegrityError,
+    NotFoundError,
+    PreconditionError,
+    ServiceError,
+    SourceError,
+    TransientError,
+    error_for_status,
+)
+from gcsstream.events import ChunkPersisted, EventCallback, Retrying, UploadFinished, UploadStarted
+from gcsstream.options import ObjectMetadata, ObjectURL, UploadOptions
+from gcsstream.redact import redact
+from gcsstream.retry import RETRYABLE_EXCEPTIONS, RETRYABLE_STATUSES, Backoff, retry_after_seconds
+from gcsstream.session import Request, ResumableSession, initiate_url
+from gcsstream.sources import ChunkSource
+from gcsstream.transport import HTTPTransport
+from gcsstream.window import ChunkWindow
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The object the service created, checked against what was read."""
+
+    bucket: str
+    name: str
+    generation: int
+    size: int
+    crc32c: str | None
+    md5: str | None
+    seconds: float
+    #: The checksums compared with the service's (and sent in X-Goog-Hash): "crc32c", "md5".
+    verified: tuple[str, ...]
+    resource: dict[str, Any] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.size / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The fields of the one-line summary, for ``--json``."""
+        return {
+            "object": self.url,
+            "generation": self.generation,
+            "bytes": self.size,
+            "crc32c": self.crc32c,
+            "md5": self.md5,
+            "verified": list(self.verified),
+            "seconds": round(self.seconds, 3),
+            "mb_per_s": round(self.bytes_per_second / 1e6, 2),
+        }
+
+
+class _Retryable(Exception):
+    """A transient failure: wait, resync, try again."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Uploader:
+    """Uploads sources to objects through one transport with one set of options."""
+
+    def __init__(
+        self,
+        transport: HTTPTransport,
+        options: UploadOptions | None = None,
+        *,
+        on_event: EventCallback | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._transport = transport
+        self._options = options or UploadOptions()
+        self._on_event = on_event
+        self._sleep = sleep
+        self._clock = clock
+
+    def upload(
+        self,
+        source: ChunkSource,
+        destination: ObjectURL,
+        metadata: ObjectMetadata | None = None,
+    ) -> UploadResult:
+        """Upload everything ``source`` produces to ``destination``; return the checked object."""
+        opts = self._options
+        started = self._clock()
+        expected = opts.expected_size if opts.expected_size is not None else source.size
+        checksums = Checksums(crc32c=opts.use_crc32c, md5=opts.use_md5)
+        window = ChunkWindow(source, opts.chunk_size, checksums, expected_size=expected)
+        session = ResumableSession(
+            initiate_url(
+                self._transport.endpoint,
+                destination,
+                if_generation_match=opts.if_generation_match,
+                user_project=self._transport.user_project,
+            ),
+            window,
+            opts.chunk_size,
+            verify_crc32c=opts.use_crc32c,
+            verify_md5=opts.use_md5,
+        )
+        resource = (metadata or ObjectMetadata()).resource(destination.name)
+        with window:
+            try:
+                initiate = session.prepare_initiate(resource, expected)
+                self._retrying(lambda _: session.process_initiate(self._send(initiate, destination)))
+                self._emit(UploadStarted(str(destination), expected, opts.chunk_size))
+                while not session.finished:
+                    self._retrying(lambda retried: self._transmit_next_chunk(session, retried, destination))
+                    window.release(session.bytes_uploaded)
+                    self._emit(ChunkPersisted(session.bytes_uploaded, window.bytes_read, expected))
+            except (SourceError, IntegrityError):
+                self._discard(session, destination)
+                raise
+            except common.InvalidResponse as exc:
+                raise ServiceError(f"unexpected answer from the service: {redact(str(exc))}") from None
+        stored = session.resource or {}
+        result = UploadResult(
+            bucket=destination.bucket,
+            name=destination.name,
+            generation=int(stored.get("generation", 0)),
+            size=int(stored.get("size", 0)),
+            crc32c=stored.get("crc32c"),
+            md5=stored.get("md5Hash"),
+            seconds=self._clock() - started,
+            verified=tuple(name for name, on in (("crc32c", opts.use_crc32c), ("md5", opts.use_md5)) if on),
+            resource=stored,
+        )
+        self._emit(UploadFinished(result))
+        return result
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _transmit_next_chunk(self, session: ResumableSession, resync: bool, destination: ObjectURL) -> None:
+        """Send the next chunk; after a failure, first ask the session what it holds."""
+        if resync:
+            session.process_status(self._send(session.prepare_status(), destination))
+            if session.finished:
+                return  # the final chunk had arrived; only its answer was lost
+        request = session.prepare_chunk()
+        session.process_chunk(self._send(request, destination), len(request[2] or b""))
+
+    def _retrying(self, attempt: Callable[[bool], T]) -> T:
+        """Run ``attempt(retried)`` until it succeeds, a permanent error, or the deadline."""
+        opts = self._options
+        backoff = Backoff(opts.retry_initial_delay, opts.retry_max_delay, opts.retry_deadline, self._clock)
+        retried = False
+        while True:
+            try:
+                return attempt(retried)
+            except _Retryable as failure:
+                delay = backoff.next_delay(failure.retry_after)
+                if delay is None:
+                    raise TransientError(
+                        f"gave up after {backoff.attempts} attempts over {backoff.elapsed:.0f} s "
+                        f"(--retry-deadline {opts.retry_deadline:g}): {failure.reason}"
+                    ) from None
+                self._emit(Retrying(failure.reason, delay, backoff.attempts))
+                self._sleep(delay)
+                retried = True
+
+    def _send(self, request: Request, destination: ObjectURL) -> requests.Response:
+        """One HTTP exchange; transient failures become ``_Retryable``, others typed errors."""
+        method, url, payload, headers = request
+        try:
+            response = self._transport.request(method, url, data=payload, headers=headers)
+        except RETRYABLE_EXCEPTIONS as exc:
+            raise _Retryable(describe_network_error(exc)) from None
+        except auth_exceptions.RefreshError as exc:
+            raise AuthError(f"refreshing credentials failed: {redact(str(exc))}") from None
+        status = response.status_code
+        if status in RETRYABLE_STATUSES:
+            raise _Retryable(f"{status} from the service", retry_after_seconds(response.headers))
+        if status >= 400:
+            raise self._error_for(response, method, headers, destination)
+        return response
+
+    def _error_for(
+        self, response: requests.Response, method: str, headers: dict[str, str], destination: ObjectURL
+    ) -> GcsstreamError:
+        status = response.status_code
+        message = service_message(response)
+        initiating = method == "POST"
+        if status == 400 and "X-Goog-Hash" in headers:
+            return IntegrityError(f"the service refused {destination}: {message} (no object was created)")
+        if status == 404 and initiating:
+            return NotFoundError(f"bucket gs://{destination.bucket} not found ({message})")
+        if status in (404, 410):
+            return NotFoundError(f"the upload session for {destination} no longer exists ({status})")
+        if status == 412:
+            match = self._options.if_generation_match
+            if match == 0:
+                return PreconditionError(f"{destination} already exists (no-clobber)")
+            return PreconditionError(f"{destination} is not at generation {match} ({message})")
+        if status in (401, 403):
+            return AuthError(f"access to {destination} denied ({status}): {message}")
+        return error_for_status(status, f"{status} from the service for {destination}: {message}")
+
+    def _discard(self, session: ResumableSession, destination: ObjectURL) -> None:
+        """After a source or integrity failure: cancel the session, or delete the bad object."""
+        try:
+            if session.resource is not None and "generation" in session.resource:
+                name = urllib.parse.quote(destination.name, safe="")
+                bucket = urllib.parse.quote(destination.bucket, safe="")
+                generation = session.resource["generation"]
+                url = f"{self._transport.endpoint}/storage/v1/b/{bucket}/o/{name}?generation={generation}"
+                self._transport.request("DELETE", url)
+            elif session.resumable_url is not None:
+                method, url, _, headers = session.prepare_cancel()
+                self._transport.request(method, url, headers=headers)
+        except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+            pass
+
+    def _emit(self, event: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+
+def service_message(response: requests.Response) -> str:
+    """The service's one-line explanation of an error response."""
+    try:
+        message = json.loads(response.content)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip().splitlines()[0] if response.text.strip() else response.reason
+    return redact(str(message or "")[:300])
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """A short reason for a network failure: 'connection reset', 'timed out', ..."""
+    if isinstance(exc, (requests.Timeout, TimeoutError)):
+        return "timed out"
+    root: BaseException = exc
+    seen = set()
+    while id(root) not in seen and (root.__cause__ or root.__context__):
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    for cause in (root, exc):
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, BrokenPipeError):
+            return "connection closed while sending"
+    text = str(exc)
+    if "RemoteDisconnected" in text or "closed connection" in text:
+        return "connection closed by the server"
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "NameResolutionError" in text:
+        return "cannot resolve the endpoint's host name"
+    return f"network error ({type(exc).__name__})"

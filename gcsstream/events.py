@@ -1,0 +1,50 @@
+"""Progress events: what the engine reports as it works, for any renderer or callback.
+
+The engine calls the callback on its own thread with these small immutable records; a renderer
+must only record them and draw elsewhere, so that drawing never slows the upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gcsstream.engine import UploadResult
+
+
+@dataclass(frozen=True)
+class UploadStarted:
+    """A session exists; ``size`` is the source's size when known."""
+
+    destination: str
+    size: int | None
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class ChunkPersisted:
+    """The service confirmed bytes: ``persisted`` of them are safe, ``read`` came from the source."""
+
+    persisted: int
+    read: int
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """An attempt failed with something transient; the engine waits ``delay`` seconds and resyncs."""
+
+    reason: str
+    delay: float
+    attempt: int
+
+
+@dataclass(frozen=True)
+class UploadFinished:
+    result: UploadResult
+
+
+Event = UploadStarted | ChunkPersisted | Retrying | UploadFinished
+EventCallback = Callable[[Event], None]

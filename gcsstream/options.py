@@ -1,0 +1,202 @@
+"""What the caller asks for: the destination object, its metadata, and how to upload it.
+
+Parsing and validation of user input lives here so that the command line and the library
+reject the same things with the same messages.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gcsstream.errors import UsageError
+
+#: Every chunk but the last must be a multiple of this (the service's rule).
+CHUNK_QUANTUM = 256 * 1024
+DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
+DEFAULT_RETRY_DEADLINE = 600.0
+
+ChecksumMode = Literal["crc32c", "md5", "both", "none"]
+CHECKSUM_MODES: tuple[str, ...] = ("crc32c", "md5", "both", "none")
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+# Compressed files: the type is the compression, and Content-Encoding is never set implicitly
+# (it would make the service decompress a .tar.gz on download).
+_ENCODING_TYPES = {
+    "gzip": "application/gzip",
+    "bzip2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "compress": "application/x-compress",
+    "br": "application/x-brotli",
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``16MiB``, ``256KiB``, ``1GiB``, ``16M`` (binary), ``16MB`` (decimal) or ``1048576``."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise UsageError(f"not a size: {text!r} (examples: 262144, 256KiB, 16MiB, 1GiB)")
+    value = float(match.group(1)) * _SIZE_UNITS[unit]
+    if value != int(value):
+        raise UsageError(f"not a whole number of bytes: {text!r}")
+    return int(value)
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    """A chunk size the service accepts: a positive multiple of 256 KiB."""
+    if chunk_size <= 0 or chunk_size % CHUNK_QUANTUM:
+        lower = max(CHUNK_QUANTUM, chunk_size // CHUNK_QUANTUM * CHUNK_QUANTUM)
+        raise UsageError(
+            f"chunk size {chunk_size} is not a positive multiple of 256 KiB "
+            f"(262144 bytes); try {lower} or {lower + CHUNK_QUANTUM}"
+        )
+    return chunk_size
+
+
+@dataclass(frozen=True)
+class ObjectURL:
+    """A ``gs://bucket/object`` destination or source."""
+
+    bucket: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+
+def check_object_name(name: str) -> str:
+    """The service's object-name rules: 1-1024 bytes of UTF-8, no CR/LF, not ``.`` or ``..``."""
+    if not name:
+        raise UsageError("the object name is empty")
+    if "\r" in name or "\n" in name:
+        raise UsageError("object names cannot contain carriage returns or newlines")
+    if name in (".", ".."):
+        raise UsageError(f"{name!r} is not a valid object name")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("the object name is not valid UTF-8") from None
+    if len(encoded) > 1024:
+        raise UsageError(f"the object name is {len(encoded)} bytes long; the limit is 1024")
+    return name
+
+
+def parse_gs_url(url: str, *, default_name: str | None = None) -> ObjectURL:
+    """Parse ``gs://BUCKET/OBJECT``.
+
+    A name ending in ``/`` names a folder: ``default_name`` (a source file's base name) is
+    appended to it, as ``cp`` does; without one that is a usage error.
+    """
+    if not url.startswith("gs://"):
+        raise UsageError(f"not a gs:// URL: {url!r} (expected gs://BUCKET/OBJECT)")
+    bucket, sep, name = url[len("gs://") :].partition("/")
+    if not bucket:
+        raise UsageError(f"no bucket in {url!r} (expected gs://BUCKET/OBJECT)")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise UsageError(f"not a valid bucket name: {bucket!r}")
+    if not sep or not name:
+        if default_name is None:
+            raise UsageError(f"no object name in {url!r} (expected gs://BUCKET/OBJECT)")
+        name = default_name
+    elif name.endswith("/"):
+        if default_name is None:
+            raise UsageError(f"{url!r} names a folder; give the object's full name")
+        name += default_name
+    return ObjectURL(bucket, check_object_name(name))
+
+
+def guess_content_type(name: str) -> str:
+    """The content type for an object name, as browsers and ``gsutil`` would guess it."""
+    mime, encoding = mimetypes.guess_type(name, strict=False)
+    if encoding:
+        return _ENCODING_TYPES.get(encoding, "application/octet-stream")
+    return mime or "application/octet-stream"
+
+
+def parse_metadata(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings to a dict; the value may contain ``=``."""
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"metadata must be KEY=VALUE, got {pair!r}")
+        metadata[key] = value
+    return metadata
+
+
+@dataclass(frozen=True)
+class ObjectMetadata:
+    """The object resource fields set at upload time (the initiate request's JSON body)."""
+
+    content_type: str | None = None
+    cache_control: str | None = None
+    content_encoding: str | None = None
+    content_disposition: str | None = None
+    storage_class: str | None = None
+    kms_key: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def resource(self, name: str) -> dict[str, object]:
+        """The JSON body of the initiate request."""
+        body: dict[str, object] = {"name": name}
+        for key, value in (
+            ("contentType", self.content_type or guess_content_type(name)),
+            ("cacheControl", self.cache_control),
+            ("contentEncoding", self.content_encoding),
+            ("contentDisposition", self.content_disposition),
+            ("storageClass", self.storage_class),
+            ("kmsKeyName", self.kms_key),
+        ):
+            if value:
+                body[key] = value
+        if self.metadata:
+            body["metadata"] = dict(self.metadata)
+        return body
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    """How to upload: chunking, checksums, preconditions, retry and timeouts."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    checksum: ChecksumMode = "crc32c"
+    if_generation_match: int | None = None
+    retry_deadline: float = DEFAULT_RETRY_DEADLINE
+    #: First backoff delay; doubles per failed attempt up to ``retry_max_delay``, with jitter.
+    retry_initial_delay: float = 1.0
+    retry_max_delay: float = 32.0
+    #: Seconds to connect, and to wait for each read or write on the socket to make progress.
+    connect_timeout: float = 20.0
+    io_timeout: float = 120.0
+    #: Exact size of the source when known in advance; the upload fails if it differs.
+    expected_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_chunk_size(self.chunk_size)
+        if self.checksum not in CHECKSUM_MODES:
+            raise UsageError(f"checksum must be one of {', '.join(CHECKSUM_MODES)}")
+        if self.retry_deadline < 0:
+            raise UsageError("the retry deadline cannot be negative")
+
+    @property
+    def use_crc32c(self) -> bool:
+        return self.checksum in ("crc32c", "both")
+
+    @property
+    def use_md5(self) -> bool:
+        return self.checksum in ("md5", "both")

@@ -1,0 +1,33 @@
+"""Keep credentials out of everything gcsstream prints or logs.
+
+A session URI is a bearer credential (whoever has it can write the object) and so is an access
+token. Every message and every log record passes through ``redact`` on its way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+_PATTERNS = (
+    (re.compile(r"(upload_id=)[^&\s\"'<>]+", re.IGNORECASE), r"\1REDACTED"),
+    (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1REDACTED"),
+    (re.compile(r"(access_token[\"'=:\s]+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1REDACTED"),
+    (re.compile(r"\bya29\.[A-Za-z0-9._~+/=-]+"), "ya29.REDACTED"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with session ids and tokens replaced by REDACTED."""
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts each record's final message (urllib3 logs request URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = redact(record.getMessage())
+        record.msg, record.args = message, None
+        return True

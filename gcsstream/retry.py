@@ -1,0 +1,75 @@
+"""When to retry, and how long to wait: truncated exponential backoff with jitter, a deadline."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import requests
+from google.auth import exceptions as auth_exceptions
+
+#: Statuses the service documents as transient.
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+#: Network failures that leave a session usable: resets, timeouts, a disconnect mid-body.
+RETRYABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    auth_exceptions.TransportError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The ``Retry-After`` header as seconds (it may be a number or an HTTP date)."""
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass
+class Backoff:
+    """One run of failures: each ``next_delay`` is longer, until the deadline says stop.
+
+    The deadline counts from the first failure of the run; a success starts a new run.
+    """
+
+    initial: float
+    maximum: float
+    deadline: float
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    attempts: int = 0
+    _started: float | None = None
+
+    def next_delay(self, retry_after: float | None = None) -> float | None:
+        """Seconds to wait before the next attempt, or None when the deadline would pass."""
+        now = self.clock()
+        if self._started is None:
+            self._started = now
+        ceiling = min(self.maximum, self.initial * (2**self.attempts))
+        delay = self.rng.uniform(ceiling / 2, ceiling)  # jitter keeps clients from retrying in step
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        self.attempts += 1
+        if now + delay - self._started > self.deadline:
+            return None
+        return delay
+
+    @property
+    def elapsed(self) -> float:
+        return 0.0 if self._started is None else self.clock() - self._started

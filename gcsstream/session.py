@@ -1,0 +1,163 @@
+"""The rules of a resumable session, on top of google-resumable-media's ``ResumableUpload``.
+
+``ResumableUpload`` prepares each request and processes each response without doing I/O; this
+subclass adds what the real service needs and the base lacks (see shared PROTOCOL.md):
+
+- a 308 without a Range header means nothing is persisted yet (the base calls it invalid);
+- after a 308 whose Range is short of what was sent, the stream is rewound to the persisted
+  offset, so the next chunk resends the missing bytes (the base fails "stream is in unexpected
+  state" here);
+- the final request carries ``X-Goog-Hash`` so the service refuses a corrupted object;
+- the returned object is checked for size, CRC32C and MD5 (any mismatch: ``IntegrityError``);
+- a status query that finds the upload finished (200/201) completes it.
+
+The stream is a ``ChunkWindow``; the engine sends what this class prepares.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from typing import Any
+
+import requests
+from google.resumable_media.requests import ResumableUpload
+
+from gcsstream.errors import IntegrityError
+from gcsstream.options import ObjectURL
+from gcsstream.window import ChunkWindow
+
+Request = tuple[str, str, bytes | None, dict[str, str]]
+
+
+def initiate_url(
+    endpoint: str,
+    destination: ObjectURL,
+    *,
+    if_generation_match: int | None = None,
+    user_project: str | None = None,
+) -> str:
+    query = {"uploadType": "resumable"}
+    if if_generation_match is not None:
+        query["ifGenerationMatch"] = str(if_generation_match)
+    if user_project:
+        query["userProject"] = user_project
+    bucket = urllib.parse.quote(destination.bucket, safe="")
+    return f"{endpoint}/upload/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
+
+
+def is_final_range(content_range: str) -> bool:
+    """Whether a chunk's Content-Range (``bytes A-B/TOTAL``, ``bytes */TOTAL``) ends the upload."""
+    spec = content_range.removeprefix("bytes ")
+    span, _, total = spec.partition("/")
+    if total == "*":
+        return False
+    if span == "*":
+        return True
+    return int(span.partition("-")[2]) + 1 == int(total)
+
+
+class ResumableSession(ResumableUpload):
+    """One object's resumable session, reading its bytes from a ``ChunkWindow``."""
+
+    def __init__(
+        self,
+        upload_url: str,
+        window: ChunkWindow,
+        chunk_size: int,
+        *,
+        verify_md5: bool = False,
+        verify_crc32c: bool = True,
+    ) -> None:
+        super().__init__(upload_url, chunk_size)
+        self._window = window
+        self._stream = window
+        self._verify_crc32c = verify_crc32c
+        self._verify_md5 = verify_md5
+        #: The object resource once the service has created the object (even a bad one).
+        self.resource: dict[str, Any] | None = None
+
+    # -- initiate -------------------------------------------------------------------------------
+
+    def prepare_initiate(self, resource: dict[str, Any], expected_size: int | None) -> Request:
+        content_type = str(resource.get("contentType", "application/octet-stream"))
+        return self._prepare_initiate_request(
+            self._window, resource, content_type, total_bytes=expected_size, stream_final=False
+        )
+
+    def process_initiate(self, response: requests.Response) -> None:
+        self._process_initiate_response(response)
+
+    # -- chunks ---------------------------------------------------------------------------------
+
+    def prepare_chunk(self) -> Request:
+        """The next chunk from the window; the final one carries ``X-Goog-Hash``."""
+        total = self._window.total
+        if self._total_bytes is None and total is not None and total > self._window.tell():
+            # The reader already reached the end: say the total with the last bytes and save
+            # a round trip. (With nothing left, the base sends ``bytes */TOTAL`` by itself.)
+            self._total_bytes = total
+        method, url, payload, headers = self._prepare_request()
+        if is_final_range(headers["content-range"]):
+            goog_hash = self._window.checksums.goog_hash_header()
+            if goog_hash:
+                headers["X-Goog-Hash"] = goog_hash
+        return method, url, payload, headers
+
+    def process_chunk(self, response: requests.Response, bytes_sent: int) -> None:
+        self._process_resumable_response(response, bytes_sent)
+
+    def _process_resumable_response(self, response: requests.Response, bytes_sent: int) -> None:
+        if response.status_code == 308 and "range" not in response.headers:
+            self._bytes_uploaded = 0  # the service's way of saying "nothing persisted yet"
+        else:
+            super()._process_resumable_response(response, bytes_sent)
+        if response.status_code == 308:
+            self._window.seek(self._bytes_uploaded)  # resend whatever was not persisted
+
+    # -- status query (after a failure) ---------------------------------------------------------
+
+    def prepare_status(self) -> Request:
+        return self._prepare_recover_request()
+
+    def process_status(self, response: requests.Response) -> None:
+        if response.status_code in (200, 201):
+            self._invalid = False
+            self._finished = True
+            self._validate_checksum(response)
+            self._bytes_uploaded = int(self.resource["size"]) if self.resource else 0
+            return
+        self._process_recover_response(response)  # seeks the window to the persisted offset
+
+    # -- cancel ---------------------------------------------------------------------------------
+
+    def prepare_cancel(self) -> Request:
+        return "DELETE", self.resumable_url, None, {}
+
+    # -- the finished object --------------------------------------------------------------------
+
+    @staticmethod
+    def _get_status_code(response: requests.Response) -> int:
+        # The service may answer a completed upload with 201 as well as 200; the base knows 200.
+        return 200 if response.status_code == 201 else response.status_code
+
+    def _validate_checksum(self, response: requests.Response) -> None:
+        try:
+            self.resource = json.loads(response.content)
+        except ValueError:
+            raise IntegrityError("the service finished the upload but sent no object resource") from None
+        resource = self.resource
+        total = self._window.total
+        size = int(resource.get("size", -1))
+        if total is None or size != total:
+            read = self._window.bytes_read if total is None else total
+            raise IntegrityError(f"the service stored {size} bytes but {read} were read")
+        checksums = self._window.checksums
+        expected = []
+        if self._verify_crc32c:
+            expected.append(("crc32c", checksums.crc32c_b64, resource.get("crc32c")))
+        if self._verify_md5:
+            expected.append(("md5Hash", checksums.md5_b64, resource.get("md5Hash")))
+        for field, ours, theirs in expected:
+            if ours != theirs:
+                raise IntegrityError(f"{field} mismatch: read {ours}, the service stored {theirs or 'none'}")

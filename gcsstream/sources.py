@@ -1,0 +1,122 @@
+"""Where the bytes come from: a file, a binary stream (stdin), or an iterable of bytes.
+
+A source hands out ``bytes`` (the type google-crc32c and the socket take without a copy), says
+its size when it knows it, and gets a last word at end of input: ``finish()`` raises if the
+bytes must not become an object (a producer that failed, a size that is wrong).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, Protocol
+
+from gcsstream.errors import SourceError, UsageError
+
+
+class ChunkSource(Protocol):
+    """What the chunk window reads from."""
+
+    #: Total bytes the source will produce, when known before reading.
+    size: int | None
+    #: How to name the source in messages ("stdin", a path).
+    description: str
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; ``b""`` only at end of input. Raises ``SourceError`` on failure."""
+        ...
+
+    def finish(self) -> None:
+        """Called once at end of input; raises ``SourceError`` if the input is not good."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StreamSource:
+    """A binary file object: stdin, a pipe, an open file, a socket's file."""
+
+    def __init__(self, stream: BinaryIO, description: str = "stream", *, close: bool = False) -> None:
+        self._stream = stream
+        self._close = close
+        self.description = description
+        self.size = _remaining_size(stream)
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._stream.read(n) or b""
+        except OSError as exc:
+            raise SourceError(f"reading {self.description} failed: {exc.strerror or exc}") from exc
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._close:
+            self._stream.close()
+
+
+class FileSource(StreamSource):
+    """A file by path: checked up front so that a bad path is a usage error, not a half upload."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise UsageError(f"{self.path}: no such file") from None
+        except OSError as exc:
+            raise UsageError(f"{self.path}: {exc.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{self.path} is a directory; gcsstream uploads one file or stream")
+        try:
+            stream = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise UsageError(f"{self.path}: {exc.strerror}") from None
+        super().__init__(stream, self.path, close=True)
+        self.mtime_ns = st.st_mtime_ns
+
+
+class IterableSource:
+    """An iterable of bytes-like pieces of any sizes, regrouped into reads of ``n`` bytes."""
+
+    def __init__(self, pieces: Iterable[bytes], description: str = "iterable") -> None:
+        self._pieces: Iterator[bytes] = iter(pieces)
+        self._pending = b""
+        self.description = description
+        self.size: int | None = None
+
+    def read(self, n: int) -> bytes:
+        parts = [self._pending] if self._pending else []
+        have = len(self._pending)
+        while have < n:
+            try:
+                piece = next(self._pieces)
+            except StopIteration:
+                break
+            if piece:
+                parts.append(bytes(piece) if not isinstance(piece, bytes) else piece)
+                have += len(piece)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pending = data[n:] if len(data) > n else b""
+        return data[:n] if len(data) > n else data
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+
+def _remaining_size(stream: BinaryIO) -> int | None:
+    """Bytes left in a regular file (a path or a ``< file`` redirect); None for pipes and ttys."""
+    try:
+        st = os.fstat(stream.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return max(0, st.st_size - stream.tell())
+    except (OSError, AttributeError, ValueError):
+        return None

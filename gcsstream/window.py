@@ -1,0 +1,201 @@
+"""The bounded window of bytes between the service's persisted offset and what has been read.
+
+A reader thread fills the window one chunk ahead of the sender, so reading the next chunk
+overlaps sending the current one, and holds at most ``depth`` chunks: memory stays near two
+chunks whatever the input size. Bytes leave the window only when the service has confirmed
+them (``release``), so a 308 whose Range is short of what was sent is answered by ``seek``-ing
+back and sending again from the window.
+
+To google-resumable-media's ``ResumableUpload`` the window is the file-like stream it reads
+chunks from (``tell``/``read``/``seek``). Chunks come out as the very ``bytes`` objects the
+source produced: only a resend from the middle of a chunk joins pieces (one copy).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from gcsstream.checksums import Checksums
+from gcsstream.errors import GcsstreamError, IntegrityError, SourceError
+from gcsstream.sources import ChunkSource
+
+
+class ChunkWindow:
+    def __init__(
+        self,
+        source: ChunkSource,
+        chunk_size: int,
+        checksums: Checksums,
+        *,
+        expected_size: int | None = None,
+        depth: int = 2,
+    ) -> None:
+        self._source = source
+        self._chunk_size = chunk_size
+        self.checksums = checksums
+        self._expected_size = expected_size
+        self._depth = depth
+        self._cond = threading.Condition()
+        self._buffers: deque[tuple[int, bytes]] = deque()  # (offset, data), contiguous
+        self._read_end = 0  # offset just past the last buffered byte
+        self._position = 0  # where the next read() starts
+        self._floor = 0  # bytes below this were released
+        self._total: int | None = None  # set at end of input, after source.finish()
+        self._error: GcsstreamError | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._fill, name="gcsstream-reader", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> ChunkWindow:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop reading ahead. A reader blocked in the source's read ends when that read returns."""
+        with self._cond:
+            self._closed = True
+            self._buffers.clear()
+            self._cond.notify_all()
+
+    def __enter__(self) -> ChunkWindow:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what the sender sees -------------------------------------------------------------------
+
+    @property
+    def total(self) -> int | None:
+        """The size of the input once its end has been reached and accepted, else None."""
+        return self._total
+
+    @property
+    def bytes_read(self) -> int:
+        return self._read_end
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, n: int) -> bytes:
+        """``n`` bytes from the current position, fewer only at end of input; waits for the reader."""
+        with self._cond:
+            start = self._position
+            end = start + n
+            while self._error is None and self._total is None and self._read_end < end:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            end = min(end, self._read_end)
+            self._position = end
+            return self._slice(start, end)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Rewind (or advance) to ``offset``, which must still be inside the window."""
+        if whence != 0:
+            raise ValueError("the chunk window seeks only to absolute offsets")
+        with self._cond:
+            if offset < self._floor:
+                raise IntegrityError(
+                    f"the service reports {offset} bytes persisted after confirming {self._floor}"
+                )
+            if offset > self._read_end:
+                raise IntegrityError(
+                    f"the service reports {offset} bytes persisted; only {self._read_end} were read"
+                )
+            self._position = offset
+            return offset
+
+    def release(self, offset: int) -> None:
+        """The service holds every byte below ``offset``: drop them and let the reader go on."""
+        with self._cond:
+            self._floor = max(self._floor, offset)
+            while self._buffers and self._buffers[0][0] + len(self._buffers[0][1]) <= self._floor:
+                self._buffers.popleft()
+            self._cond.notify_all()
+
+    def _slice(self, start: int, end: int) -> bytes:
+        parts = []
+        for offset, data in self._buffers:
+            if offset >= end:
+                break
+            if offset + len(data) <= start:
+                continue
+            if offset == start and offset + len(data) == end:
+                return data  # the common case: a whole chunk as read, no copy
+            view = memoryview(data)
+            parts.append(view[max(start - offset, 0) : min(end - offset, len(data))])
+        return b"".join(parts)
+
+    # -- the reader thread ----------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        try:
+            offset = 0
+            while True:
+                with self._cond:
+                    while len(self._buffers) >= self._depth and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                data = self._read_full(self._chunk_size)
+                offset += len(data)
+                self._check_not_over(offset)
+                at_end = len(data) < self._chunk_size or offset == self._expected_size
+                if at_end:
+                    if data and len(data) == self._chunk_size and self._source.read(1):
+                        self._check_not_over(offset + 1)
+                    if self._expected_size is not None and offset < self._expected_size:
+                        raise SourceError(
+                            f"{self._source.description} ended after {offset} bytes; "
+                            f"expected {self._expected_size}"
+                        )
+                    self._source.finish()
+                if data:
+                    self.checksums.update(data)
+                with self._cond:
+                    if data:
+                        self._buffers.append((offset - len(data), data))
+                        self._read_end = offset
+                    if at_end:
+                        self._total = offset
+                    self._cond.notify_all()
+                if at_end:
+                    return
+        except GcsstreamError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a source that raised something unexpected
+            self._fail(SourceError(f"reading {self._source.description} failed: {exc}"))
+        finally:
+            try:
+                self._source.close()
+            except OSError:
+                pass
+
+    def _fail(self, error: GcsstreamError) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def _check_not_over(self, offset: int) -> None:
+        if self._expected_size is not None and offset > self._expected_size:
+            raise SourceError(
+                f"{self._source.description} has more than the expected {self._expected_size} bytes"
+            )
+
+    def _read_full(self, n: int) -> bytes:
+        """Exactly ``n`` bytes unless the input ends first (sources may return short reads)."""
+        data = self._source.read(n)
+        if len(data) == n or not data:
+            return data
+        parts = [data]
+        have = len(data)
+        while have < n:
+            more = self._source.read(n - have)
+            if not more:
+                break
+            parts.append(more)
+            have += len(more)
+        return b"".join(parts)

@@ -1,0 +1,153 @@
+"""The installed ``gcsstream put`` in real shell pipelines against local emulators."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BUCKET, assert_stored, crc32c_b64
+
+
+def sh(script: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a bash pipeline with pipefail, as a cron job should."""
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", script], env=env, capture_output=True, timeout=300, **kwargs
+    )
+
+
+@pytest.fixture
+def env(emulator, gcsstream_exe):
+    """The environment a user of the emulator has: STORAGE_EMULATOR_HOST and gcsstream on PATH."""
+    path = f"{Path(gcsstream_exe).parent}:{os.environ['PATH']}"
+    return {**os.environ, "STORAGE_EMULATOR_HOST": emulator.url, "PATH": path}
+
+
+@pytest.mark.parametrize("size", [0, 1, 3 * 256 * 1024, 5 * 1024 * 1024 + 3], ids=lambda n: f"{n}B")
+def test_pipe_from_head_urandom(emulator, env, object_name, tmp_path, size):
+    copy = tmp_path / "sent"
+    r = sh(
+        f"head -c {size} /dev/urandom | tee {copy} | gcsstream put --chunk-size 1MiB - 'gs://{BUCKET}/{object_name}'",
+        env,
+    )
+    assert r.returncode == 0, r.stderr
+    data = copy.read_bytes()
+    assert_stored(emulator, BUCKET, object_name, data)
+    summary = r.stderr.decode().strip()
+    assert summary.startswith(f"gcsstream: uploaded gs://{BUCKET}/{object_name} generation ")
+    assert f"{size} bytes" in summary and f"crc32c {crc32c_b64(data)}" in summary and "MB/s" in summary
+    assert r.stdout == b""
+
+
+def test_tar_pipeline_round_trip(emulator, env, object_name, tmp_path):
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    for i in range(20):
+        (site / "sub" / f"f{i}.bin").write_bytes(os.urandom(50_000 * i))
+    r = sh(f"tar -C {tmp_path} -c site | gcsstream put - 'gs://{BUCKET}/{object_name}'", env)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    stored = emulator.read_object(BUCKET, object_name)
+    subprocess.run(["tar", "-C", str(out), "-x"], input=stored, check=True)
+    for f in (site / "sub").iterdir():
+        assert (out / "site" / "sub" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_file_source_and_folder_destination(emulator, env, tmp_path):
+    src = tmp_path / "db.dump"
+    src.write_bytes(os.urandom(700_000))
+    r = sh(f"gcsstream put --chunk-size 256KiB {src} gs://{BUCKET}/dumps/", env)
+    assert r.returncode == 0, r.stderr
+    resource = assert_stored(emulator, BUCKET, "dumps/db.dump", src.read_bytes())
+    assert resource["contentType"] == "application/octet-stream"
+
+
+def test_json_summary_on_stdout(emulator, env, object_name):
+    data = os.urandom(1000)
+    r = sh(f"gcsstream put --json --checksum both - 'gs://{BUCKET}/{object_name}'", env, input=data)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    resource = assert_stored(emulator, BUCKET, object_name, data)
+    assert summary["object"] == f"gs://{BUCKET}/{object_name}"
+    assert summary["bytes"] == 1000 and summary["generation"] == int(resource["generation"])
+    assert summary["crc32c"] == crc32c_b64(data) and summary["md5"] == resource["md5Hash"]
+    assert r.stderr == b""
+
+
+def test_metadata_options(emulator, env, object_name):
+    r = sh(
+        f"echo hi | gcsstream put -q --content-type text/plain --cache-control no-cache "
+        f"--metadata a=1 -m b=2=3 - 'gs://{BUCKET}/{object_name}'",
+        env,
+    )
+    assert r.returncode == 0 and r.stderr == b""
+    resource = assert_stored(emulator, BUCKET, object_name, b"hi\n")
+    assert resource["contentType"] == "text/plain" and resource["cacheControl"] == "no-cache"
+    assert resource["metadata"] == {"a": "1", "b": "2=3"}
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        ("- gs:/x", 2, "not a gs:// URL"),
+        ("- gs://", 2, "no bucket"),
+        (f"- gs://{BUCKET}", 2, "no object name"),
+        ("- s3://b/o", 2, "not a gs:// URL"),
+        (f"/no/such/file gs://{BUCKET}/o", 2, "no such file"),
+        (f"/tmp gs://{BUCKET}/o", 2, "is a directory"),
+        (f"--chunk-size 1000000 - gs://{BUCKET}/o", 2, "multiple of 256 KiB"),
+        (f"--chunk-size lots - gs://{BUCKET}/o", 2, "not a size"),
+        ("- gs://no-such-bucket-x/o", 5, "bucket gs://no-such-bucket-x not found"),
+        (f"--metadata novalue - gs://{BUCKET}/o", 2, "KEY=VALUE"),
+        (f"--bogus - gs://{BUCKET}/o", 2, "No such option"),
+        (f"--credentials /no/creds.json - gs://{BUCKET}/o", 2, "no such file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code(env, args, code, message):
+    r = sh(f"echo data | gcsstream put {args}", env)
+    err = r.stderr.decode()
+    assert r.returncode == code, err
+    assert err.count("\n") == 1 and err.startswith("gcsstream: error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_stdin_terminal_is_refused(env):
+    controller, terminal = pty.openpty()
+    try:
+        r = subprocess.run(
+            ["gcsstream", "put", "-", f"gs://{BUCKET}/o"],
+            stdin=terminal,
+            env=env,
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert r.returncode == 2
+    assert b"standard input is a terminal" in r.stderr
+
+
+def test_unreachable_endpoint_gives_up_with_exit_75(env, object_name):
+    r = sh(
+        f"echo x | gcsstream put --endpoint http://127.0.0.1:9 --retry-deadline 2 --retry-initial-delay 0.1 "
+        f"- 'gs://{BUCKET}/{object_name}'",
+        env,
+    )
+    err = r.stderr.decode()
+    assert r.returncode == 75, err
+    assert "connection refused; retrying" in err and err.strip().splitlines()[-1].startswith(
+        "gcsstream: error: gave up"
+    )
+
+
+def test_version_and_help_list_exit_codes(env):
+    r = sh("gcsstream --version && gcsstream put --help", env)
+    out = r.stdout.decode()
+    assert r.returncode == 0 and out.startswith("gcsstream 0.")
+    assert "Exit codes:" in out and "75 transient" in out and "Examples:" in out

@@ -1,0 +1,57 @@
+"""Shared fixtures: real emulators on loopback, the installed command, read-back checks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import shutil
+import sys
+from pathlib import Path
+
+import google_crc32c
+import pytest
+
+from tests.emulators import EMULATOR_NAMES, start_emulator
+
+BUCKET = "gcsstream-test"
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session", params=EMULATOR_NAMES)
+def emulator(request, tmp_path_factory):
+    """Each local emulator in turn, started once per test session and stopped at its end."""
+    emu = start_emulator(request.param, tmp_path_factory.mktemp(request.param))
+    emu.create_bucket(BUCKET)
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture
+def object_name(request) -> str:
+    """A fresh object name per test, with a folder and characters that need URL-encoding."""
+    return f"tests/{request.node.name.replace('[', '-').rstrip(']')}/{next(_names)} obj.bin"
+
+
+@pytest.fixture(scope="session")
+def gcsstream_exe() -> str:
+    """The installed console script (next to this interpreter, or on PATH)."""
+    beside = Path(sys.executable).parent / "gcsstream"
+    found = str(beside) if beside.exists() else shutil.which("gcsstream")
+    assert found, "gcsstream is not installed: pip install -e '.[test]'"
+    return found
+
+
+def crc32c_b64(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+
+
+def assert_stored(server, bucket: str, name: str, data: bytes) -> dict:
+    """Read the object back and compare bytes (sha256), size and checksums with the source."""
+    stored = server.read_object(bucket, name)
+    resource = server.object_resource(bucket, name)
+    assert len(stored) == len(data)
+    assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert int(resource["size"]) == len(data)
+    assert resource["crc32c"] == crc32c_b64(data)
+    return resource
