@@ -177,7 +177,7 @@ def put(
         try:
             result = uploader.upload(source, destination, object_metadata)
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; {destination} was not created") from None
+            raise Interrupted(f"interrupted before the upload to {destination} was confirmed") from None
     if json_output:
         print(json.dumps(result.summary()), flush=True)
     elif not quiet:

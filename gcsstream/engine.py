@@ -199,8 +199,8 @@ class Uploader:
             response = self._transport.request(method, url, data=payload, headers=headers)
         except RETRYABLE_EXCEPTIONS as exc:
             raise _Retryable(describe_network_error(exc)) from None
-        except auth_exceptions.RefreshError as exc:
-            raise AuthError(f"refreshing credentials failed: {redact(str(exc))}") from None
+        except auth_exceptions.GoogleAuthError as exc:  # refresh failed or is impossible
+            raise AuthError(f"credentials for {destination} failed: {redact(str(exc))}") from None
         status = response.status_code
         if status in RETRYABLE_STATUSES:
             raise _Retryable(f"{status} from the service", retry_after_seconds(response.headers))

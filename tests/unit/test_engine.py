@@ -425,3 +425,12 @@ def test_stream_source_reports_regular_file_size(tmp_path):
     with open(path, "rb") as f:
         f.read(10)
         assert StreamSource(f).size == 990
+
+
+def test_credentials_that_cannot_refresh_are_an_auth_error():
+    from google.auth import exceptions as auth_exceptions
+
+    service = FakeService()
+    service.fail("chunk", auth_exceptions.InvalidOperation("Anonymous credentials cannot be refreshed."))
+    with pytest.raises(AuthError, match="cannot be refreshed"):
+        run(service, os.urandom(CHUNK + 1))
