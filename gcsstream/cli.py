@@ -27,7 +27,7 @@ from gcsstream.options import (
 )
 from gcsstream.progress import EventPrinter, format_summary
 from gcsstream.redact import RedactingFilter, redact
-from gcsstream.sources import ChunkSource, FileSource, StreamSource
+from gcsstream.sources import ChunkSource, FileSource, ProducerSource, StreamSource
 from gcsstream.transport import Transport
 
 EXIT_CODES = """\
@@ -43,7 +43,7 @@ Examples:
 
   gcsstream put /var/backups/db.dump gs://my-bucket/db/$(date +%F).dump --no-clobber
 
-  pg_dump mydb | gcsstream put - gs://my-bucket/db.sql --metadata source=pg_dump --json
+  gcsstream put --exec 'pg_dump mydb' gs://my-bucket/db.sql --metadata source=pg_dump --json
 """
 
 app = typer.Typer(
@@ -82,10 +82,23 @@ def _root(
 
 @app.command(epilog=PUT_EXAMPLES + "\n" + EXIT_CODES)
 def put(
-    src: Annotated[str, typer.Argument(help="A file to upload, or - for standard input.")],
-    dest: Annotated[
-        str, typer.Argument(help="gs://BUCKET/OBJECT (a name ending in / takes the file's name).")
+    src: Annotated[
+        str, typer.Argument(help="A file to upload, or - for standard input (omit it with --exec).")
     ],
+    dest: Annotated[
+        str | None,
+        typer.Argument(help="gs://BUCKET/OBJECT (a name ending in / takes the file's name)."),
+    ] = None,
+    exec_command: Annotated[
+        str | None,
+        typer.Option(
+            "--exec",
+            help="Run this shell command and upload its output; finalize only if it exits 0.",
+        ),
+    ] = None,
+    size: Annotated[
+        str | None, typer.Option(help="Finalize only if exactly this many bytes arrive (e.g. 10GiB).")
+    ] = None,
     chunk_size: Annotated[
         str, typer.Option(help="Bytes per request: a multiple of 256KiB, e.g. 8MiB, 16MiB, 1GiB.")
     ] = "16MiB",
@@ -149,6 +162,12 @@ def put(
     """
     if debug:
         _log_http()
+    if exec_command is not None:
+        if dest is not None:
+            raise UsageError("with --exec, give only the destination: gcsstream put --exec CMD gs://B/O")
+        src, dest = "", src
+    elif dest is None:
+        raise UsageError("missing the destination: gcsstream put SRC gs://BUCKET/OBJECT")
     if no_clobber and if_generation_match not in (None, 0):
         raise UsageError("--no-clobber and --if-generation-match N contradict each other")
     options = UploadOptions(
@@ -158,6 +177,7 @@ def put(
         retry_deadline=retry_deadline,
         retry_initial_delay=retry_initial_delay,
         io_timeout=io_timeout,
+        expected_size=None if size is None else parse_size(size),
     )
     object_metadata = ObjectMetadata(
         content_type=content_type,
@@ -168,8 +188,8 @@ def put(
         kms_key=kms_key,
         metadata=parse_metadata(metadata or []),
     )
-    destination = parse_gs_url(dest, default_name=None if src == "-" else os.path.basename(src))
-    source = _open_source(src)
+    destination = parse_gs_url(dest, default_name=None if src in ("-", "") else os.path.basename(src))
+    source = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
     with Transport.connect(
         endpoint, credentials_file=credentials, user_project=project, io_timeout=io_timeout
     ) as transport:

@@ -142,7 +142,10 @@ class Uploader:
                     self._retrying(lambda retried: self._transmit_next_chunk(session, retried, destination))
                     window.release(session.bytes_uploaded)
                     self._emit(ChunkPersisted(session.bytes_uploaded, window.bytes_read, expected))
-            except (SourceError, IntegrityError):
+            except SourceError as exc:
+                self._discard(session, destination)
+                raise SourceError(f"{exc}; the upload was cancelled and no object was created") from None
+            except IntegrityError:
                 self._discard(session, destination)
                 raise
             except common.InvalidResponse as exc:

@@ -8,7 +8,9 @@ bytes must not become an object (a producer that failed, a size that is wrong).
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Protocol
 
@@ -76,6 +78,43 @@ class FileSource(StreamSource):
             raise UsageError(f"{self.path}: {exc.strerror}") from None
         super().__init__(stream, self.path, close=True)
         self.mtime_ns = st.st_mtime_ns
+
+
+class ProducerSource(StreamSource):
+    """The output of a shell command that gcsstream runs itself (``--exec``).
+
+    Unlike a pipe into stdin, gcsstream learns how the producer ended: ``finish`` waits for it
+    and refuses the input unless it exited 0, so a dump that dies halfway never becomes an object.
+    """
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        try:
+            self._process = subprocess.Popen(
+                command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+            )
+        except OSError as exc:
+            raise UsageError(f"cannot run {command!r}: {exc.strerror or exc}") from None
+        assert self._process.stdout is not None
+        super().__init__(self._process.stdout, f"the producer {command!r}", close=True)
+
+    def finish(self) -> None:
+        status = self._process.wait()
+        if status < 0:
+            name = signal.Signals(-status).name if -status in signal.valid_signals() else -status
+            raise SourceError(f"{self.description} was killed by {name}")
+        if status != 0:
+            raise SourceError(f"{self.description} exited with status {status}")
+
+    def close(self) -> None:
+        super().close()
+        if self._process.poll() is None:  # the upload failed first: do not leave it running
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
 
 
 class IterableSource:

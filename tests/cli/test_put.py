@@ -151,3 +151,40 @@ def test_version_and_help_list_exit_codes(env):
     out = r.stdout.decode()
     assert r.returncode == 0 and out.startswith("gcsstream 0.")
     assert "Exit codes:" in out and "75 transient" in out and "Examples:" in out
+
+
+def test_exec_uploads_the_producers_output(emulator, env, object_name, tmp_path):
+    data = os.urandom(1_000_000)
+    (tmp_path / "src").write_bytes(data)
+    r = sh(
+        f"gcsstream put --chunk-size 256KiB --exec 'cat {tmp_path}/src' 'gs://{BUCKET}/{object_name}'", env
+    )
+    assert r.returncode == 0, r.stderr
+    assert_stored(emulator, BUCKET, object_name, data)
+
+
+@pytest.mark.parametrize(
+    ("producer", "message"),
+    [
+        ("head -c 1000000 /dev/urandom; exit 3", "exited with status 3"),
+        ("head -c 600000 /dev/urandom; kill -9 $$", "was killed by SIGKILL"),
+        ("exit 1", "exited with status 1"),
+    ],
+)
+def test_failed_producer_leaves_no_object(emulator, env, object_name, producer, message):
+    r = sh(f"gcsstream put --chunk-size 256KiB --exec '{producer}' 'gs://{BUCKET}/{object_name}'", env)
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert message in err and "no object was created" in err and err.count("\n") == 1
+    assert not emulator.has_object(BUCKET, object_name)
+
+
+@pytest.mark.parametrize(
+    ("sent", "declared", "ok"), [(1000, 1000, True), (1000, 999, False), (1000, 1001, False)]
+)
+def test_size_finalizes_only_on_exact_length(emulator, env, object_name, sent, declared, ok):
+    r = sh(f"head -c {sent} /dev/zero | gcsstream put --size {declared} - 'gs://{BUCKET}/{object_name}'", env)
+    assert (r.returncode == 0) == ok, r.stderr
+    assert emulator.has_object(BUCKET, object_name) == ok
+    if not ok:
+        assert r.returncode == 1 and b"no object was created" in r.stderr
