@@ -211,7 +211,9 @@ def _open_source(src: str) -> ChunkSource:
         raise UsageError(
             "standard input is a terminal; pipe data in (tar c dir | gcsstream put - gs://b/o) or name a file"
         )
-    return StreamSource(sys.stdin.buffer, "standard input")
+    # Our own reader on fd 0, not sys.stdin.buffer: if the upload fails while the reader thread
+    # is blocked in a read, interpreter shutdown would wait on sys.stdin's lock and abort.
+    return StreamSource(open(sys.stdin.fileno(), "rb", closefd=False), "standard input", close=True)
 
 
 def _log_http() -> None:
