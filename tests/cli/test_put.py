@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import subprocess
 from pathlib import Path
 
@@ -89,61 +88,6 @@ def test_metadata_options(emulator, env, object_name):
     resource = assert_stored(emulator, BUCKET, object_name, b"hi\n")
     assert resource["contentType"] == "text/plain" and resource["cacheControl"] == "no-cache"
     assert resource["metadata"] == {"a": "1", "b": "2=3"}
-
-
-@pytest.mark.parametrize(
-    ("args", "code", "message"),
-    [
-        ("- gs:/x", 2, "not a gs:// URL"),
-        ("- gs://", 2, "no bucket"),
-        (f"- gs://{BUCKET}", 2, "no object name"),
-        ("- s3://b/o", 2, "not a gs:// URL"),
-        (f"/no/such/file gs://{BUCKET}/o", 2, "no such file"),
-        (f"/tmp gs://{BUCKET}/o", 2, "is a directory"),
-        (f"--chunk-size 1000000 - gs://{BUCKET}/o", 2, "multiple of 256 KiB"),
-        (f"--chunk-size lots - gs://{BUCKET}/o", 2, "not a size"),
-        ("- gs://no-such-bucket-x/o", 5, "bucket gs://no-such-bucket-x not found"),
-        (f"--metadata novalue - gs://{BUCKET}/o", 2, "KEY=VALUE"),
-        (f"--bogus - gs://{BUCKET}/o", 2, "No such option"),
-        (f"--credentials /no/creds.json - gs://{BUCKET}/o", 2, "no such file"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_code(env, args, code, message):
-    r = sh(f"echo data | gcsstream put {args}", env)
-    err = r.stderr.decode()
-    assert r.returncode == code, err
-    assert err.count("\n") == 1 and err.startswith("gcsstream: error: ") and message in err, err
-    assert "Traceback" not in err
-
-
-def test_stdin_terminal_is_refused(env):
-    controller, terminal = pty.openpty()
-    try:
-        r = subprocess.run(
-            ["gcsstream", "put", "-", f"gs://{BUCKET}/o"],
-            stdin=terminal,
-            env=env,
-            capture_output=True,
-            timeout=30,
-        )
-    finally:
-        os.close(controller)
-        os.close(terminal)
-    assert r.returncode == 2
-    assert b"standard input is a terminal" in r.stderr
-
-
-def test_unreachable_endpoint_gives_up_with_exit_75(env, object_name):
-    r = sh(
-        f"echo x | gcsstream put --endpoint http://127.0.0.1:9 --retry-deadline 2 --retry-initial-delay 0.1 "
-        f"- 'gs://{BUCKET}/{object_name}'",
-        env,
-    )
-    err = r.stderr.decode()
-    assert r.returncode == 75, err
-    assert "connection refused; retrying" in err and err.strip().splitlines()[-1].startswith(
-        "gcsstream: error: gave up"
-    )
 
 
 def test_version_and_help_list_exit_codes(env):
