@@ -18,31 +18,31 @@ def decode_crc32c(text: str) -> int:
 
 
 class Checksums:
-    """CRC32C and/or MD5 over a stream of ``bytes`` chunks, updated in order."""
+    """CRC32C (always: resume needs it, and it costs little) and optionally MD5, over a stream
+    of ``bytes`` chunks updated in order."""
 
-    def __init__(self, *, crc32c: bool = True, md5: bool = False) -> None:
-        self.crc32c: int | None = 0 if crc32c else None
+    def __init__(self, *, md5: bool = False) -> None:
+        self.crc32c = 0
         self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
 
     def update(self, data: bytes) -> None:
-        if self.crc32c is not None:
-            self.crc32c = google_crc32c.extend(self.crc32c, data)
+        self.crc32c = google_crc32c.extend(self.crc32c, data)
         if self._md5 is not None:
             self._md5.update(data)
 
     @property
-    def crc32c_b64(self) -> str | None:
-        return None if self.crc32c is None else encode_crc32c(self.crc32c)
+    def crc32c_b64(self) -> str:
+        return encode_crc32c(self.crc32c)
 
     @property
     def md5_b64(self) -> str | None:
         return None if self._md5 is None else base64.b64encode(self._md5.digest()).decode("ascii")
 
-    def goog_hash_header(self) -> str | None:
+    def goog_hash_header(self, *, crc32c: bool = True, md5: bool = False) -> str | None:
         """The ``X-Goog-Hash`` value that makes the service refuse a corrupted final object."""
         parts = []
-        if self.crc32c_b64 is not None:
+        if crc32c:
             parts.append(f"crc32c={self.crc32c_b64}")
-        if self.md5_b64 is not None:
+        if md5 and self.md5_b64 is not None:
             parts.append(f"md5={self.md5_b64}")
         return ",".join(parts) or None

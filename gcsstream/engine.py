@@ -14,7 +14,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import requests
 from google.auth import exceptions as auth_exceptions
@@ -27,6 +27,7 @@ from gcsstream.errors import (
     IntegrityError,
     NotFoundError,
     PreconditionError,
+    PrefixMismatch,
     ServiceError,
     SourceError,
     TransientError,
@@ -81,6 +82,28 @@ class UploadResult:
         }
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Continue an existing session instead of starting one."""
+
+    session_uri: str
+    #: ``(length, crc32c)`` of a prefix recorded earlier (the journal's); the input must match it.
+    verify: tuple[int, int] | None = None
+
+
+class SessionRecorder(Protocol):
+    """Told where an upload stands, so that it can be resumed by another process (the journal)."""
+
+    def started(self, session_uri: str) -> None:
+        """The session exists; called before the first byte is sent."""
+
+    def persisted(self, offset: int, crc32c: int) -> None:
+        """The service confirmed the first ``offset`` bytes, whose CRC32C is ``crc32c``."""
+
+    def finished(self) -> None:
+        """The upload completed, or was cancelled: nothing is left to resume."""
+
+
 class _Retryable(Exception):
     """A transient failure: wait, resync, try again."""
 
@@ -113,12 +136,19 @@ class Uploader:
         source: ChunkSource,
         destination: ObjectURL,
         metadata: ObjectMetadata | None = None,
+        *,
+        recorder: SessionRecorder | None = None,
+        resume: Resume | None = None,
     ) -> UploadResult:
-        """Upload everything ``source`` produces to ``destination``; return the checked object."""
+        """Upload everything ``source`` produces to ``destination``; return the checked object.
+
+        With ``resume``, continue that session: the bytes the service holds are read from the
+        source and checksummed (never resent), and must match ``resume.verify`` if given.
+        """
         opts = self._options
         started = self._clock()
         expected = opts.expected_size if opts.expected_size is not None else source.size
-        checksums = Checksums(crc32c=opts.use_crc32c, md5=opts.use_md5)
+        checksums = Checksums(md5=opts.use_md5)
         window = ChunkWindow(source, opts.chunk_size, checksums, expected_size=expected)
         session = ResumableSession(
             initiate_url(
@@ -133,23 +163,38 @@ class Uploader:
             verify_md5=opts.use_md5,
         )
         resource = (metadata or ObjectMetadata()).resource(destination.name)
-        with window:
-            try:
+        try:
+            if resume is None:
                 initiate = session.prepare_initiate(resource, expected)
                 self._retrying(lambda _: session.process_initiate(self._send(initiate, destination)))
-                self._emit(UploadStarted(str(destination), expected, opts.chunk_size))
-                while not session.finished:
-                    self._retrying(lambda retried: self._transmit_next_chunk(session, retried, destination))
-                    window.release(session.bytes_uploaded)
-                    self._emit(ChunkPersisted(session.bytes_uploaded, window.bytes_read, expected))
-            except SourceError as exc:
-                self._discard(session, destination)
-                raise SourceError(f"{exc}; the upload was cancelled and no object was created") from None
-            except IntegrityError:
-                self._discard(session, destination)
-                raise
-            except common.InvalidResponse as exc:
-                raise ServiceError(f"unexpected answer from the service: {redact(str(exc))}") from None
+                window.start()
+                resumed_at = 0
+            else:
+                session.attach(resume.session_uri, str(resource.get("contentType")), expected)
+                resumed_at = self._attach(session, window, resume, destination)
+            if recorder is not None:
+                recorder.started(str(session.resumable_url))
+            self._emit(UploadStarted(str(destination), expected, opts.chunk_size, resumed_at))
+            while not session.finished:
+                self._retrying(lambda retried: self._transmit_next_chunk(session, retried, destination))
+                window.release(session.bytes_uploaded)
+                if recorder is not None:
+                    recorder.persisted(*window.confirmed)
+                self._emit(ChunkPersisted(session.bytes_uploaded, window.bytes_read, expected))
+        except PrefixMismatch:
+            raise  # the wrong input was given to resume: leave the session as it is
+        except SourceError as exc:
+            self._discard(session, destination, recorder)
+            raise SourceError(f"{exc}; the upload was cancelled and no object was created") from None
+        except IntegrityError:
+            self._discard(session, destination, recorder)
+            raise
+        except common.InvalidResponse as exc:
+            raise ServiceError(f"unexpected answer from the service: {redact(str(exc))}") from None
+        finally:
+            window.close()
+        if recorder is not None:
+            recorder.finished()
         stored = session.resource or {}
         result = UploadResult(
             bucket=destination.bucket,
@@ -166,6 +211,31 @@ class Uploader:
         return result
 
     # -- steps ----------------------------------------------------------------------------------
+
+    def _attach(
+        self, session: ResumableSession, window: ChunkWindow, resume: Resume, destination: ObjectURL
+    ) -> int:
+        """Ask an existing session what it holds; skip that much of the input, checking it."""
+        response = self._retrying(lambda _: self._send(session.prepare_status(), destination))
+        held = session.process_resume_status(response)
+        if held is None:  # it had finished: check the whole input against the object
+            held = int(json.loads(response.content).get("size", 0))
+            window.begin_at(held, verify=resume.verify)
+            window.start()
+            if window.read(1):
+                raise PrefixMismatch(
+                    f"the upload had already finished with {held} bytes, but the input is longer"
+                )
+            session.process_status(response)
+            return held
+        if resume.verify is not None and resume.verify[0] > held:
+            raise ServiceError(
+                f"the service holds {held} bytes of {destination}, fewer than the {resume.verify[0]} "
+                "it had confirmed; start the upload again"
+            )
+        window.begin_at(held, verify=resume.verify)
+        window.start()
+        return held
 
     def _transmit_next_chunk(self, session: ResumableSession, resync: bool, destination: ObjectURL) -> None:
         """Send the next chunk; after a failure, first ask the session what it holds."""
@@ -232,8 +302,12 @@ class Uploader:
             return AuthError(f"access to {destination} denied ({status}): {message}")
         return error_for_status(status, f"{status} from the service for {destination}: {message}")
 
-    def _discard(self, session: ResumableSession, destination: ObjectURL) -> None:
+    def _discard(
+        self, session: ResumableSession, destination: ObjectURL, recorder: SessionRecorder | None
+    ) -> None:
         """After a source or integrity failure: cancel the session, or delete the bad object."""
+        if recorder is not None:
+            recorder.finished()
         try:
             if session.resource is not None and "generation" in session.resource:
                 name = urllib.parse.quote(destination.name, safe="")

@@ -31,6 +31,13 @@ class IntegrityError(GcsstreamError):
     exit_code = 3
 
 
+class PrefixMismatch(IntegrityError):
+    """On resume, the re-supplied input differs from what the service already holds.
+
+    The session is left untouched: resume again with the right input.
+    """
+
+
 class AuthError(GcsstreamError):
     """No usable credentials, or the service refused them (401, 403)."""
 

@@ -16,11 +16,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class UploadStarted:
-    """A session exists; ``size`` is the source's size when known."""
+    """A session exists; ``size`` is the source's size when known; a resumed upload starts at
+    ``resumed_at``, the bytes the service already held."""
 
     destination: str
     size: int | None
     chunk_size: int
+    resumed_at: int = 0
 
 
 @dataclass(frozen=True)

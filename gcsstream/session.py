@@ -17,6 +17,7 @@ The stream is a ``ChunkWindow``; the engine sends what this class prepares.
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from typing import Any
 
@@ -28,6 +29,7 @@ from gcsstream.options import ObjectURL
 from gcsstream.window import ChunkWindow
 
 Request = tuple[str, str, bytes | None, dict[str, str]]
+_RANGE = re.compile(r"bytes=0-(\d+)$", re.IGNORECASE)
 
 
 def initiate_url(
@@ -88,6 +90,26 @@ class ResumableSession(ResumableUpload):
     def process_initiate(self, response: requests.Response) -> None:
         self._process_initiate_response(response)
 
+    def attach(self, session_uri: str, content_type: str, total: int | None) -> None:
+        """Continue an existing session (resume) instead of initiating one."""
+        self._resumable_url = session_uri
+        self._content_type = content_type
+        self._total_bytes = total
+
+    def process_resume_status(self, response: requests.Response) -> int | None:
+        """The bytes an attached session holds, or None when the upload already finished."""
+        if response.status_code in (200, 201):
+            return None
+        if response.status_code != 308:
+            raise IntegrityError(f"unexpected status {response.status_code} for a status query")
+        value = response.headers.get("range")
+        match = _RANGE.match(value.strip()) if value else None
+        if value and not match:
+            raise IntegrityError(f"unexpected Range {value!r} in the answer to a status query")
+        held = int(match.group(1)) + 1 if match else 0  # no Range: nothing held yet
+        self._bytes_uploaded = held
+        return held
+
     # -- chunks ---------------------------------------------------------------------------------
 
     def prepare_chunk(self) -> Request:
@@ -99,7 +121,9 @@ class ResumableSession(ResumableUpload):
             self._total_bytes = total
         method, url, payload, headers = self._prepare_request()
         if is_final_range(headers["content-range"]):
-            goog_hash = self._window.checksums.goog_hash_header()
+            goog_hash = self._window.checksums.goog_hash_header(
+                crc32c=self._verify_crc32c, md5=self._verify_md5
+            )
             if goog_hash:
                 headers["X-Goog-Hash"] = goog_hash
         return method, url, payload, headers

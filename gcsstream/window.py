@@ -16,8 +16,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from gcsstream.checksums import Checksums
-from gcsstream.errors import GcsstreamError, IntegrityError, SourceError
+import google_crc32c
+
+from gcsstream.checksums import Checksums, encode_crc32c
+from gcsstream.errors import GcsstreamError, IntegrityError, PrefixMismatch, SourceError
 from gcsstream.sources import ChunkSource
 
 
@@ -37,10 +39,14 @@ class ChunkWindow:
         self._expected_size = expected_size
         self._depth = depth
         self._cond = threading.Condition()
-        self._buffers: deque[tuple[int, bytes]] = deque()  # (offset, data), contiguous
+        # (offset, data, CRC32C of all bytes before offset), contiguous
+        self._buffers: deque[tuple[int, bytes, int]] = deque()
         self._read_end = 0  # offset just past the last buffered byte
+        self._crc_at_read_end = 0
         self._position = 0  # where the next read() starts
         self._floor = 0  # bytes below this were released
+        self._floor_crc32c = 0  # CRC32C of the bytes below the floor
+        self._check: tuple[int, int] | None = None  # (length, CRC32C) the prefix must have
         self._total: int | None = None  # set at end of input, after source.finish()
         self._error: GcsstreamError | None = None
         self._closed = False
@@ -51,6 +57,18 @@ class ChunkWindow:
     def start(self) -> ChunkWindow:
         self._thread.start()
         return self
+
+    def begin_at(self, offset: int, *, verify: tuple[int, int] | None = None) -> None:
+        """Resume: skip the ``offset`` bytes the service holds (checksumming them) before reading.
+
+        ``verify`` is ``(length, crc32c)`` of a prefix recorded earlier (length <= offset); if
+        the input's prefix differs, or the input is shorter than ``offset``, reading fails with
+        ``PrefixMismatch`` and no byte is sent.
+        """
+        if self._thread.is_alive() or self._read_end:
+            raise RuntimeError("begin_at() must come before start()")
+        self._position = self._floor = self._read_end = offset
+        self._check = verify
 
     def close(self) -> None:
         """Stop reading ahead. A reader blocked in the source's read ends when that read returns."""
@@ -75,6 +93,12 @@ class ChunkWindow:
     @property
     def bytes_read(self) -> int:
         return self._read_end
+
+    @property
+    def confirmed(self) -> tuple[int, int]:
+        """``(offset, crc32c)``: the bytes the service has confirmed, and their CRC32C."""
+        with self._cond:
+            return self._floor, self._floor_crc32c
 
     def tell(self) -> int:
         return self._position
@@ -111,14 +135,28 @@ class ChunkWindow:
     def release(self, offset: int) -> None:
         """The service holds every byte below ``offset``: drop them and let the reader go on."""
         with self._cond:
-            self._floor = max(self._floor, offset)
-            while self._buffers and self._buffers[0][0] + len(self._buffers[0][1]) <= self._floor:
+            if offset <= self._floor:
+                return
+            self._floor_crc32c = self._crc32c_at(offset)
+            self._floor = offset
+            while self._buffers and self._buffers[0][0] + len(self._buffers[0][1]) <= offset:
                 self._buffers.popleft()
             self._cond.notify_all()
 
+    def _crc32c_at(self, offset: int) -> int:
+        """CRC32C of the input's first ``offset`` bytes (``offset`` inside the window)."""
+        if offset == self._read_end:
+            return self._crc_at_read_end
+        for start, data, crc_before in self._buffers:
+            if start <= offset < start + len(data):
+                if offset == start:
+                    return crc_before
+                return google_crc32c.extend(crc_before, bytes(memoryview(data)[: offset - start]))
+        raise IntegrityError(f"offset {offset} is outside the window")
+
     def _slice(self, start: int, end: int) -> bytes:
         parts = []
-        for offset, data in self._buffers:
+        for offset, data, _ in self._buffers:
             if offset >= end:
                 break
             if offset + len(data) <= start:
@@ -133,7 +171,9 @@ class ChunkWindow:
 
     def _fill(self) -> None:
         try:
-            offset = 0
+            offset = self._read_end
+            if offset:
+                self._skip(offset)
             while True:
                 with self._cond:
                     while len(self._buffers) >= self._depth and not self._closed:
@@ -153,12 +193,14 @@ class ChunkWindow:
                             f"expected {self._expected_size}"
                         )
                     self._source.finish()
+                crc_before = self.checksums.crc32c
                 if data:
                     self.checksums.update(data)
                 with self._cond:
                     if data:
-                        self._buffers.append((offset - len(data), data))
+                        self._buffers.append((offset - len(data), data, crc_before))
                         self._read_end = offset
+                        self._crc_at_read_end = self.checksums.crc32c
                     if at_end:
                         self._total = offset
                     self._cond.notify_all()
@@ -173,6 +215,28 @@ class ChunkWindow:
                 self._source.close()
             except OSError:
                 pass
+
+    def _skip(self, offset: int) -> None:
+        """Read and checksum the first ``offset`` bytes without keeping them (resume)."""
+        done = 0
+        for stop in sorted({self._check[0], offset} if self._check else {offset}):
+            while done < stop:
+                data = self._source.read(min(self._chunk_size, stop - done))
+                if not data:
+                    raise PrefixMismatch(
+                        f"{self._source.description} ended after {done} bytes, but the service "
+                        f"already holds {offset}: it is not the input of this upload"
+                    )
+                self.checksums.update(data)
+                done += len(data)
+            if self._check and stop == self._check[0] and self.checksums.crc32c != self._check[1]:
+                raise PrefixMismatch(
+                    f"the first {stop} bytes of {self._source.description} differ from the ones "
+                    f"uploaded (crc32c {encode_crc32c(self.checksums.crc32c)}, recorded "
+                    f"{encode_crc32c(self._check[1])}): it is not the input of this upload"
+                )
+        with self._cond:
+            self._floor_crc32c = self._crc_at_read_end = self.checksums.crc32c
 
     def _fail(self, error: GcsstreamError) -> None:
         with self._cond:

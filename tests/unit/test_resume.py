@@ -1,0 +1,135 @@
+"""Resuming an existing session: the held prefix is read and checked, never resent."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+
+import google_crc32c
+import pytest
+
+from gcsstream.engine import Resume, Uploader
+from gcsstream.errors import PrefixMismatch, TransientError
+from gcsstream.options import ObjectURL, UploadOptions
+from gcsstream.sources import IterableSource
+from tests.unit.fake_service import QUANTUM, FakeService
+from tests.unit.test_engine import DEST, FakeClock, stored
+
+CHUNK = QUANTUM
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+
+    def started(self, session_uri: str) -> None:
+        self.log.append(("started", session_uri))
+
+    def persisted(self, offset: int, crc32c: int) -> None:
+        self.log.append(("persisted", offset, crc32c))
+
+    def finished(self) -> None:
+        self.log.append(("finished",))
+
+
+def uploader(service: FakeService, **options) -> Uploader:
+    clock = FakeClock()
+    opts = UploadOptions(**{"chunk_size": CHUNK, "retry_deadline": 5, **options})
+    return Uploader(service, opts, sleep=clock.sleep, clock=clock)
+
+
+def interrupted_upload(service: FakeService, data: bytes, chunks_before_failure: int, **options) -> Recorder:
+    """Upload until the service fails for good after ``chunks_before_failure`` chunks."""
+    service.fail("chunk", *([None] * chunks_before_failure), *([503] * 1000))
+    recorder = Recorder()
+    with pytest.raises(TransientError):
+        uploader(service, **options).upload(IterableSource([data]), DEST, recorder=recorder)
+    service._faults.clear()
+    return recorder
+
+
+def test_recorder_sees_session_before_bytes_and_crc_of_each_confirmed_prefix():
+    data = os.urandom(3 * CHUNK + 5)
+    service = FakeService()
+    recorder = interrupted_upload(service, data, 2)
+    assert recorder.log[0][0] == "started" and service.calls[1].kind == "chunk"
+    persisted = [entry for entry in recorder.log if entry[0] == "persisted"]
+    assert [p[1] for p in persisted] == [CHUNK, 2 * CHUNK]
+    assert all(p[2] == google_crc32c.value(data[: p[1]]) for p in persisted)
+    assert ("finished",) not in recorder.log  # the session stays resumable
+
+
+@pytest.mark.parametrize("checksum", ["crc32c", "both"])
+def test_resume_continues_without_resending_held_bytes(checksum):
+    data = os.urandom(5 * CHUNK + 77)
+    service = FakeService()
+    recorder = interrupted_upload(service, data, 3, checksum=checksum)
+    session_uri, (_, offset, crc) = recorder.log[0][1], recorder.log[-1]
+    calls_before = len(service.calls)
+    resumed = Recorder()
+    result = uploader(service, checksum=checksum).upload(
+        IterableSource([data]), DEST, recorder=resumed, resume=Resume(session_uri, verify=(offset, crc))
+    )
+    assert stored(service) == data
+    sent = sum(c.size for c in service.calls[calls_before:])
+    assert sent == len(data) - offset  # nothing held was sent again
+    assert result.crc32c == base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+    if checksum == "both":  # MD5 covers the whole object, the skipped prefix included
+        assert result.md5 == base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert resumed.log[-1] == ("finished",)
+
+
+def test_resume_when_service_holds_more_than_the_journal():
+    """After kill -9 the journal may be a chunk behind: the service's offset wins."""
+    data = os.urandom(4 * CHUNK)
+    service = FakeService()
+    recorder = interrupted_upload(service, data, 3)
+    session_uri = recorder.log[0][1]
+    _, offset, crc = [e for e in recorder.log if e[0] == "persisted"][0]  # an older record
+    uploader(service).upload(IterableSource([data]), DEST, resume=Resume(session_uri, verify=(offset, crc)))
+    assert stored(service) == data
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda d: bytes([d[0] ^ 1]) + d[1:],  # a different stream
+        lambda d: d[: CHUNK + 10],  # a truncated stream
+        lambda d: b"",  # nothing at all
+    ],
+    ids=["different", "truncated", "empty"],
+)
+def test_wrong_input_on_resume_is_refused_and_session_kept(other):
+    data = os.urandom(3 * CHUNK + 5)
+    service = FakeService()
+    recorder = interrupted_upload(service, data, 2)
+    session_uri, (_, offset, crc) = recorder.log[0][1], recorder.log[-1]
+    calls_before = len(service.calls)
+    with pytest.raises(PrefixMismatch):
+        uploader(service).upload(
+            IterableSource([other(data)]), DEST, resume=Resume(session_uri, (offset, crc))
+        )
+    assert {c.kind for c in service.calls[calls_before:]} == {"status"}  # no byte sent, nothing cancelled
+    (session,) = service.sessions.values()
+    assert not session.cancelled and len(session.data) == offset
+
+
+def test_resume_of_a_finished_upload_checks_the_whole_input():
+    data = os.urandom(2 * CHUNK + 1)
+    service = FakeService()
+    recorder = Recorder()
+    uploader(service).upload(IterableSource([data]), DEST, recorder=recorder)
+    session_uri = recorder.log[0][1]
+    result = uploader(service).upload(IterableSource([data]), DEST, resume=Resume(session_uri))
+    assert result.size == len(data)
+    with pytest.raises(PrefixMismatch, match="already finished"):
+        uploader(service).upload(IterableSource([data + b"x"]), DEST, resume=Resume(session_uri))
+
+
+def test_resume_of_a_bare_session_uri_without_a_recorded_prefix():
+    data = os.urandom(3 * CHUNK)
+    service = FakeService()
+    session_uri = interrupted_upload(service, data, 1).log[0][1]
+    uploader(service).upload(IterableSource([data]), ObjectURL("bkt", DEST.name), resume=Resume(session_uri))
+    assert stored(service) == data
