@@ -2,39 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 import os
+import signal
 import sys
+import time
 import traceback
-from typing import Annotated, NoReturn
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from typer.exceptions import TyperException
 
 from gcsstream import __version__
-from gcsstream.engine import Uploader
-from gcsstream.errors import GcsstreamError, Interrupted, UsageError
+from gcsstream.engine import Resume, Uploader, UploadResult
+from gcsstream.errors import (
+    GcsstreamError,
+    Interrupted,
+    NotFoundError,
+    PrefixMismatch,
+    Terminated,
+    TransientError,
+    UsageError,
+)
+from gcsstream.journal import Journal, JournalEntry, JournalRecorder
 from gcsstream.options import (
     DEFAULT_RETRY_DEADLINE,
     ObjectMetadata,
+    ObjectURL,
     UploadOptions,
     check_chunk_size,
     parse_gs_url,
     parse_metadata,
     parse_size,
 )
-from gcsstream.progress import EventPrinter, format_summary
+from gcsstream.progress import EventPrinter, format_summary, human_bytes
 from gcsstream.redact import RedactingFilter, redact
 from gcsstream.sources import ChunkSource, FileSource, ProducerSource, StreamSource
 from gcsstream.transport import Transport
 
+T = TypeVar("T")
+
 EXIT_CODES = """\
-Exit codes: 0 success; 2 usage error; 3 integrity mismatch; 4 authentication or permission
-(401/403, no credentials); 5 bucket, object or session not found; 6 precondition failed (412,
---no-clobber); 75 transient failure after retries (session left open); 130 interrupted (SIGINT);
-1 anything else."""
+Exit codes: 0 success; 2 usage error; 3 integrity mismatch (or the wrong input given to
+resume); 4 authentication or permission (401/403, no credentials); 5 bucket, object or session
+not found; 6 precondition failed (412, --no-clobber); 75 transient failure after retries
+(session left open: resume it); 130 interrupted (SIGINT); 143 terminated (SIGTERM); 1 anything
+else."""
 
 PUT_EXAMPLES = """\
 Examples:
@@ -44,6 +62,16 @@ Examples:
   gcsstream put /var/backups/db.dump gs://my-bucket/db/$(date +%F).dump --no-clobber
 
   gcsstream put --exec 'pg_dump mydb' gs://my-bucket/db.sql --metadata source=pg_dump --json
+"""
+
+RESUME_EXAMPLES = """\
+Examples:
+
+  gcsstream resume 3f9c2a1b                       # a file upload: the file is read again
+
+  tar c ./site | gcsstream resume 3f9c2a1b -      # a stream: supply the same stream again
+
+  gcsstream resume 'https://storage.googleapis.com/upload/...&upload_id=...' big.iso
 """
 
 app = typer.Typer(
@@ -63,6 +91,30 @@ class Checksum(str, enum.Enum):
     md5 = "md5"
     both = "both"
     none = "none"
+
+
+# Options shared by the commands that talk to the service.
+ChunkSizeOpt = Annotated[
+    str, typer.Option(help="Bytes per request: a multiple of 256KiB, e.g. 8MiB, 16MiB, 1GiB.")
+]
+RetryDeadlineOpt = Annotated[
+    float, typer.Option(help="Seconds to keep retrying a failing request before giving up (exit 75).")
+]
+EndpointOpt = Annotated[
+    str | None,
+    typer.Option(help="Storage endpoint URL. Default: $STORAGE_EMULATOR_HOST, else the real service."),
+]
+ProjectOpt = Annotated[
+    str | None, typer.Option(help="Project to bill (userProject), for requester-pays buckets.")
+]
+CredentialsOpt = Annotated[
+    str | None, typer.Option(help="Service-account JSON key. Default: Application Default Credentials.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Log HTTP exchanges (redacted) and show tracebacks.")]
+RetryInitialDelayOpt = Annotated[float, typer.Option(hidden=True)]
+IoTimeoutOpt = Annotated[float, typer.Option(hidden=True)]
 
 
 def _version(value: bool) -> None:
@@ -92,16 +144,13 @@ def put(
     exec_command: Annotated[
         str | None,
         typer.Option(
-            "--exec",
-            help="Run this shell command and upload its output; finalize only if it exits 0.",
+            "--exec", help="Run this shell command and upload its output; finalize only if it exits 0."
         ),
     ] = None,
     size: Annotated[
         str | None, typer.Option(help="Finalize only if exactly this many bytes arrive (e.g. 10GiB).")
     ] = None,
-    chunk_size: Annotated[
-        str, typer.Option(help="Bytes per request: a multiple of 256KiB, e.g. 8MiB, 16MiB, 1GiB.")
-    ] = "16MiB",
+    chunk_size: ChunkSizeOpt = "16MiB",
     checksum: Annotated[
         Checksum, typer.Option(help="Checksums computed, sent with the final request and verified.")
     ] = Checksum.crc32c,
@@ -131,34 +180,24 @@ def put(
     no_clobber: Annotated[
         bool, typer.Option("--no-clobber", help="Fail (exit 6) if the object exists.")
     ] = False,
-    retry_deadline: Annotated[
-        float, typer.Option(help="Seconds to keep retrying a failing request before giving up (exit 75).")
-    ] = DEFAULT_RETRY_DEADLINE,
-    endpoint: Annotated[
-        str | None,
-        typer.Option(help="Storage endpoint URL. Default: $STORAGE_EMULATOR_HOST, else the real service."),
-    ] = None,
-    project: Annotated[
-        str | None, typer.Option(help="Project to bill (userProject), for requester-pays buckets.")
-    ] = None,
-    credentials: Annotated[
-        str | None,
-        typer.Option(help="Service-account JSON key. Default: Application Default Credentials."),
-    ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Start afresh even if an unfinished upload of this file exists.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Log HTTP exchanges (redacted) and show tracebacks.")
-    ] = False,
-    retry_initial_delay: Annotated[float, typer.Option(hidden=True)] = 1.0,
-    io_timeout: Annotated[float, typer.Option(hidden=True)] = 120.0,
+    retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
+    endpoint: EndpointOpt = None,
+    project: ProjectOpt = None,
+    credentials: CredentialsOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    retry_initial_delay: RetryInitialDelayOpt = 1.0,
+    io_timeout: IoTimeoutOpt = 120.0,
 ) -> None:
     """Upload a file or standard input to gs://BUCKET/OBJECT through one resumable session.
 
     The object is created only when every byte has been read, sent, confirmed by the service and
-    matched against its checksums; otherwise nothing is created and the exit code says why.
+    matched against its checksums; otherwise nothing is created and the exit code says why. An
+    interrupted upload can be continued with `gcsstream resume ID` (the command is printed).
     """
     if debug:
         _log_http()
@@ -189,19 +228,225 @@ def put(
         metadata=parse_metadata(metadata or []),
     )
     destination = parse_gs_url(dest, default_name=None if src in ("-", "") else os.path.basename(src))
+    journal = Journal()
+    journal.check_writable()
     source = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
     with Transport.connect(
         endpoint, credentials_file=credentials, user_project=project, io_timeout=io_timeout
     ) as transport:
         uploader = Uploader(transport, options, on_event=None if quiet else EventPrinter())
-        try:
-            result = uploader.upload(source, destination, object_metadata)
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted before the upload to {destination} was confirmed") from None
+        identity = _source_identity(source)
+        resume, recorder = (
+            None,
+            JournalRecorder(
+                journal,
+                destination=str(destination),
+                endpoint=transport.endpoint,
+                resource=object_metadata.resource(destination.name),
+                chunk_size=options.chunk_size,
+                checksum=options.checksum,
+                source=identity,
+            ),
+        )
+        if identity["kind"] == "file":
+            earlier = journal.find_for_file(
+                str(destination), identity["path"], identity["size"], identity["mtime_ns"]
+            )
+            if earlier is not None and restart:
+                with contextlib.suppress(GcsstreamError):
+                    uploader.cancel(earlier.session_uri, destination)
+                journal.remove(earlier.id)
+            elif earlier is not None:
+                _say(
+                    f"continuing the unfinished upload {earlier.id} of this file "
+                    f"({human_bytes(earlier.persisted)} stored; --restart starts afresh)",
+                    quiet,
+                )
+                resume = Resume(earlier.session_uri, verify=(earlier.persisted, earlier.persisted_crc32c))
+                recorder = JournalRecorder(journal, earlier)
+                object_metadata = ObjectMetadata(content_type=str(earlier.resource.get("contentType")))
+        result = _resumable(
+            recorder,
+            lambda: uploader.upload(source, destination, object_metadata, recorder=recorder, resume=resume),
+        )
+    _report(result, json_output, quiet)
+
+
+@app.command(epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
+def resume(
+    upload: Annotated[str, typer.Argument(help="The id printed when the upload stopped, or a session URI.")],
+    src: Annotated[
+        str | None,
+        typer.Argument(help="The same input again: - for a stream; default: the journal's file."),
+    ] = None,
+    chunk_size: Annotated[str | None, typer.Option(help="Bytes per request (default: as before).")] = None,
+    retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
+    endpoint: EndpointOpt = None,
+    project: ProjectOpt = None,
+    credentials: CredentialsOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    retry_initial_delay: RetryInitialDelayOpt = 1.0,
+    io_timeout: IoTimeoutOpt = 120.0,
+) -> None:
+    """Continue an interrupted upload where the service stopped.
+
+    The bytes the service already holds are read from the input again and checked against the
+    journal's CRC32C before anything is sent: a different, modified or shorter input is refused
+    (exit 3) and the session is left as it was. Nothing the service holds is sent twice.
+    """
+    if debug:
+        _log_http()
+    journal = Journal()
+    entry, session_uri, destination, checksum_mode = _find_upload(journal, upload)
+    if entry is None:
+        if src is None:
+            raise UsageError("give the input to resume a session URI with: gcsstream resume URI SRC")
+        _say(
+            "resuming a session with no journal: the bytes the service holds cannot be checked "
+            "against the input (the final checksum still is)",
+            False,
+        )
+    elif src is None:
+        if entry.is_stream:
+            raise UsageError(
+                f"upload {entry.id} read a stream: supply the same stream again, "
+                f"... | gcsstream resume {entry.id} -"
+            )
+        src = str(entry.source["path"])
+    source = _open_source(src)
+    if entry is not None and not entry.is_stream:
+        _check_file_unchanged(entry, source)
+    options = UploadOptions(
+        chunk_size=check_chunk_size(parse_size(chunk_size))
+        if chunk_size
+        else (entry.chunk_size if entry else 16 << 20),
+        checksum=checksum_mode,  # type: ignore[arg-type]
+        retry_deadline=retry_deadline,
+        retry_initial_delay=retry_initial_delay,
+        io_timeout=io_timeout,
+    )
+    # A bare session URI is its own credential: no Google credentials are needed to use it.
+    service = endpoint or (entry.endpoint if entry else _origin(session_uri))
+    with Transport.connect(
+        service,
+        credentials_file=credentials,
+        user_project=project,
+        io_timeout=io_timeout,
+        anonymous=entry is None and credentials is None,
+    ) as transport:
+        uploader = Uploader(transport, options, on_event=None if quiet else EventPrinter())
+        verify = (entry.persisted, entry.persisted_crc32c) if entry else None
+        content_type = (entry.resource if entry else {}).get("contentType", "application/octet-stream")
+        recorder = JournalRecorder(journal, entry) if entry else None
+        result = _resumable(
+            recorder,
+            lambda: uploader.upload(
+                source,
+                destination,
+                ObjectMetadata(content_type=str(content_type)),
+                recorder=recorder,
+                resume=Resume(session_uri, verify=verify),
+            ),
+        )
+    _report(result, json_output, quiet)
+
+
+@app.command()
+def sessions(
+    prune: Annotated[
+        bool,
+        typer.Option("--prune", help="Ask the service about each upload; forget those it no longer knows."),
+    ] = False,
+    credentials: CredentialsOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """List unfinished uploads: id, destination, bytes held, age, source."""
+    journal = Journal()
+    entries = journal.entries()
+    if prune:
+        kept = []
+        for entry in entries:
+            state = _probe(entry, credentials)
+            if state in ("gone", "finished"):
+                journal.remove(entry.id)
+                print(
+                    f"gcsstream: forgot {entry.id} ({entry.destination}): the session has {state}",
+                    file=sys.stderr,
+                )
+            else:
+                kept.append(entry)
+        entries = kept
     if json_output:
-        print(json.dumps(result.summary()), flush=True)
-    elif not quiet:
-        print(format_summary(result), file=sys.stderr, flush=True)
+        print(json.dumps([_entry_summary(e) for e in entries]))
+        return
+    if not entries:
+        print("no unfinished uploads", file=sys.stderr)
+        return
+    print(f"{'ID':<9} {'HELD':>10} {'AGE':>6}  DESTINATION  SOURCE")
+    for e in entries:
+        source = e.source.get("path") if not e.is_stream else "stream"
+        expired = " (expired)" if e.expired else ""
+        held = human_bytes(e.persisted)
+        print(f"{e.id:<9} {held:>10} {_age(e.created):>6}  {e.destination}  {source}{expired}")
+
+
+@app.command()
+def status(
+    upload: Annotated[str, typer.Argument(help="An upload id (see `gcsstream sessions`) or a session URI.")],
+    credentials: CredentialsOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Ask the service how many bytes an upload holds, or which object it created."""
+    journal = Journal()
+    entry, session_uri, destination, _ = _find_upload(journal, upload)
+    with _transport_for(entry, session_uri, credentials) as transport:
+        state = Uploader(transport).session_status(session_uri, destination)
+    name = entry.id if entry else "session"
+    if isinstance(state, int):
+        summary: dict[str, Any] = {
+            "upload": name,
+            "destination": str(destination),
+            "held": state,
+            "finished": False,
+        }
+        line = f"{name} {destination}: {state} bytes ({human_bytes(state)}) held by the service"
+    else:
+        summary = {
+            "upload": name,
+            "destination": str(destination),
+            "finished": True,
+            "generation": int(state.get("generation", 0)),
+            "bytes": int(state.get("size", 0)),
+            "crc32c": state.get("crc32c"),
+        }
+        line = f"{name} {destination}: finished, generation {summary['generation']}, {summary['bytes']} bytes"
+    print(json.dumps(summary) if json_output else line)
+
+
+@app.command()
+def abort(
+    upload: Annotated[str, typer.Argument(help="An upload id (see `gcsstream sessions`) or a session URI.")],
+    credentials: CredentialsOpt = None,
+) -> None:
+    """Cancel an unfinished upload on the service and forget its journal."""
+    journal = Journal()
+    entry, session_uri, destination, _ = _find_upload(journal, upload)
+    with _transport_for(entry, session_uri, credentials) as transport:
+        known = Uploader(transport).cancel(session_uri, destination)
+    if entry is not None:
+        journal.remove(entry.id)
+    what = entry.id if entry else "the session"
+    print(
+        f"gcsstream: aborted {what} ({destination})"
+        if known
+        else f"gcsstream: {what} was already gone; forgotten",
+        file=sys.stderr,
+    )
+
+
+# -- helpers ------------------------------------------------------------------------------------
 
 
 def _open_source(src: str) -> ChunkSource:
@@ -216,11 +461,149 @@ def _open_source(src: str) -> ChunkSource:
     return StreamSource(open(sys.stdin.fileno(), "rb", closefd=False), "standard input", close=True)
 
 
+def _source_identity(source: ChunkSource) -> dict[str, Any]:
+    if isinstance(source, FileSource):
+        return {
+            "kind": "file",
+            "path": os.path.abspath(source.path),
+            "size": source.size,
+            "mtime_ns": source.mtime_ns,
+        }
+    if isinstance(source, ProducerSource):
+        return {"kind": "stream", "exec": source.command}
+    return {"kind": "stream"}
+
+
+def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
+    identity = _source_identity(source)
+    recorded = entry.source
+    if identity.get("size") != recorded.get("size") or identity.get("mtime_ns") != recorded.get("mtime_ns"):
+        raise PrefixMismatch(
+            f"{identity.get('path')} changed since upload {entry.id} started (size or modification "
+            "time differ); the session is left as it was"
+        )
+
+
+def _find_upload(journal: Journal, upload: str) -> tuple[JournalEntry | None, str, ObjectURL, str]:
+    """The journal entry (if any), session URI, destination and checksum mode of an upload."""
+    if upload.startswith(("http://", "https://")):
+        return None, upload, _destination_of(upload), "crc32c"
+    entry = journal.load(upload)
+    return entry, entry.session_uri, parse_gs_url(entry.destination), entry.checksum
+
+
+def _destination_of(session_uri: str) -> ObjectURL:
+    """What a session URI says of its destination: the bucket, and the name when it has one."""
+    parts = urllib.parse.urlsplit(session_uri)
+    segments = parts.path.split("/")
+    try:
+        bucket = urllib.parse.unquote(segments[segments.index("b") + 1])
+    except (ValueError, IndexError):
+        raise UsageError("not a Cloud Storage upload session URI") from None
+    name = urllib.parse.parse_qs(parts.query).get("name", ["(unnamed object)"])[0]
+    return ObjectURL(bucket, name)
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _transport_for(entry: JournalEntry | None, session_uri: str, credentials: str | None) -> Transport:
+    endpoint = entry.endpoint if entry else _origin(session_uri)
+    return Transport.connect(
+        endpoint, credentials_file=credentials, anonymous=entry is None and credentials is None
+    )
+
+
+def _probe(entry: JournalEntry, credentials: str | None) -> str:
+    """'held', 'finished' or 'gone' for a journal entry, asking the service."""
+    if entry.expired:
+        return "gone"
+    try:
+        with _transport_for(entry, entry.session_uri, credentials) as transport:
+            state = Uploader(transport, UploadOptions(retry_deadline=10)).session_status(
+                entry.session_uri, parse_gs_url(entry.destination)
+            )
+    except NotFoundError:
+        return "gone"
+    return "held" if isinstance(state, int) else "finished"
+
+
+def _entry_summary(entry: JournalEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "destination": entry.destination,
+        "held": entry.persisted,
+        "age_seconds": round(time.time() - entry.created),
+        "source": entry.source,
+        "expired": entry.expired,
+    }
+
+
+def _age(created: float) -> str:
+    seconds = time.time() - created
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _resumable(recorder: JournalRecorder | None, run: Callable[[], T]) -> T:
+    """Run an upload; if it stops short, say what is stored and how to continue."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        raise Interrupted(_stopped("interrupted", recorder)) from None
+    except _SigTerm:
+        raise Terminated(_stopped("terminated", recorder)) from None
+    except TransientError as exc:
+        raise TransientError(_stopped(str(exc), recorder)) from None
+
+
+def _stopped(reason: str, recorder: JournalRecorder | None) -> str:
+    entry = recorder.entry if recorder else None
+    if entry is None:
+        return f"{reason}; nothing was stored"
+    again = f"... | gcsstream resume {entry.id} -" if entry.is_stream else f"gcsstream resume {entry.id}"
+    stored = f"{entry.persisted} bytes ({human_bytes(entry.persisted)})"
+    return f"{reason}; {stored} are stored; continue with: {again}"
+
+
+def _report(result: UploadResult, json_output: bool, quiet: bool) -> None:
+    if json_output:
+        print(json.dumps(result.summary()), flush=True)
+    elif not quiet:
+        print(format_summary(result), file=sys.stderr, flush=True)
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"gcsstream: {message}", file=sys.stderr, flush=True)
+
+
 def _log_http() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("gcsstream: debug: %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
+
+
+class _SigTerm(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """Raised in the main thread on SIGTERM, so that an upload stops as cleanly as on Ctrl-C."""
+
+
+def _raise_sigterm(signum: int, frame: object) -> None:
+    raise _SigTerm
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, _raise_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str, code: int, debug: bool) -> NoReturn:
@@ -235,7 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("GCSSTREAM_DEBUG") == "1"
     try:
-        rv = app(args=args, prog_name="gcsstream", standalone_mode=False)
+        with _sigterm_raises():
+            rv = app(args=args, prog_name="gcsstream", standalone_mode=False)
     except GcsstreamError as exc:
         _fail(str(exc), exc.exit_code, debug)
     except TyperException as exc:  # the command line itself was wrong
@@ -244,6 +628,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()} (see '{where} --help')", UsageError.exit_code, debug)
     except KeyboardInterrupt:
         _fail("interrupted", Interrupted.exit_code, debug)
+    except _SigTerm:
+        _fail("terminated", Terminated.exit_code, debug)
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(1)

@@ -37,7 +37,7 @@ from gcsstream.events import ChunkPersisted, EventCallback, Retrying, UploadFini
 from gcsstream.options import ObjectMetadata, ObjectURL, UploadOptions
 from gcsstream.redact import redact
 from gcsstream.retry import RETRYABLE_EXCEPTIONS, RETRYABLE_STATUSES, Backoff, retry_after_seconds
-from gcsstream.session import Request, ResumableSession, initiate_url
+from gcsstream.session import Request, ResumableSession, held_bytes, initiate_url, status_request
 from gcsstream.sources import ChunkSource
 from gcsstream.transport import HTTPTransport
 from gcsstream.window import ChunkWindow
@@ -209,6 +209,28 @@ class Uploader:
         )
         self._emit(UploadFinished(result))
         return result
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def session_status(self, session_uri: str, destination: ObjectURL) -> int | dict[str, Any]:
+        """The bytes an unfinished session holds, or the object resource once it has finished."""
+        response = self._retrying(lambda _: self._send(status_request(session_uri), destination))
+        held = held_bytes(response)
+        return json.loads(response.content) if held is None else held
+
+    def cancel(self, session_uri: str, destination: ObjectURL) -> bool:
+        """Cancel a session on the service; False if the service no longer knew it."""
+        try:
+            response = self._transport.request("DELETE", session_uri)
+        except RETRYABLE_EXCEPTIONS as exc:
+            raise TransientError(
+                f"cancelling the upload to {destination}: {describe_network_error(exc)}"
+            ) from None
+        if response.status_code in (404, 410):
+            return False
+        if response.status_code not in (200, 204, 499):
+            raise self._error_for(response, "DELETE", {}, destination)
+        return True
 
     # -- steps ----------------------------------------------------------------------------------
 

@@ -74,6 +74,12 @@ class Interrupted(GcsstreamError):
     exit_code = 130
 
 
+class Terminated(Interrupted):
+    """Stopped by SIGTERM; the upload session is left open to be resumed."""
+
+    exit_code = 143
+
+
 def error_for_status(status: int, message: str) -> GcsstreamError:
     """The error family for a final (not retried) HTTP status from the service."""
     if status in (401, 403):

@@ -137,6 +137,10 @@ class Journal:
                 return entry
         return None
 
+    def check_writable(self) -> None:
+        """Fail now, before any upload starts, if journals cannot be written."""
+        self._ensure_directory()
+
     def _ensure_directory(self) -> None:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -153,3 +157,29 @@ class Journal:
         if not entry_id or not all(c in "0123456789abcdef" for c in entry_id):
             raise NotFoundError(f"{entry_id!r} is not an upload id (see `gcsstream sessions`)")
         return self.directory / f"{entry_id}.json"
+
+
+class JournalRecorder:
+    """Keeps a journal entry in step with an upload (the engine's ``SessionRecorder``).
+
+    For a new upload the entry is created when the session exists, before the first byte is
+    sent; for a resumed one it is the existing entry.
+    """
+
+    def __init__(self, journal: Journal, entry: JournalEntry | None = None, **fields: Any) -> None:
+        self.journal = journal
+        self.entry = entry
+        self._fields = fields
+
+    def started(self, session_uri: str) -> None:
+        if self.entry is None:
+            self.entry = self.journal.new_entry(session_uri=session_uri, **self._fields)
+
+    def persisted(self, offset: int, crc32c: int) -> None:
+        assert self.entry is not None
+        self.entry.persisted, self.entry.persisted_crc32c = offset, crc32c
+        self.journal.write(self.entry)
+
+    def finished(self) -> None:
+        if self.entry is not None:
+            self.journal.remove(self.entry.id)

@@ -48,6 +48,24 @@ def initiate_url(
     return f"{endpoint}/upload/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
 
 
+def status_request(session_uri: str) -> Request:
+    """The status query: an empty PUT with ``Content-Range: bytes */*``."""
+    return "PUT", session_uri, None, {"content-range": "bytes */*"}
+
+
+def held_bytes(response: requests.Response) -> int | None:
+    """From a status query's answer: the bytes the session holds, or None if it has finished."""
+    if response.status_code in (200, 201):
+        return None
+    if response.status_code != 308:
+        raise IntegrityError(f"unexpected status {response.status_code} for a status query")
+    value = response.headers.get("range")
+    match = _RANGE.match(value.strip()) if value else None
+    if value and not match:
+        raise IntegrityError(f"unexpected Range {value!r} in the answer to a status query")
+    return int(match.group(1)) + 1 if match else 0  # no Range: nothing held yet
+
+
 def is_final_range(content_range: str) -> bool:
     """Whether a chunk's Content-Range (``bytes A-B/TOTAL``, ``bytes */TOTAL``) ends the upload."""
     spec = content_range.removeprefix("bytes ")
@@ -98,16 +116,9 @@ class ResumableSession(ResumableUpload):
 
     def process_resume_status(self, response: requests.Response) -> int | None:
         """The bytes an attached session holds, or None when the upload already finished."""
-        if response.status_code in (200, 201):
-            return None
-        if response.status_code != 308:
-            raise IntegrityError(f"unexpected status {response.status_code} for a status query")
-        value = response.headers.get("range")
-        match = _RANGE.match(value.strip()) if value else None
-        if value and not match:
-            raise IntegrityError(f"unexpected Range {value!r} in the answer to a status query")
-        held = int(match.group(1)) + 1 if match else 0  # no Range: nothing held yet
-        self._bytes_uploaded = held
+        held = held_bytes(response)
+        if held is not None:
+            self._bytes_uploaded = held
         return held
 
     # -- chunks ---------------------------------------------------------------------------------

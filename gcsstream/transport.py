@@ -98,10 +98,15 @@ class Transport:
         user_project: str | None = None,
         connect_timeout: float = 20.0,
         io_timeout: float = 120.0,
+        anonymous: bool = False,
     ) -> Transport:
-        """A transport for ``endpoint`` (see ``resolve_endpoint``) with the right credentials."""
+        """A transport for ``endpoint`` (see ``resolve_endpoint``) with the right credentials.
+
+        ``anonymous`` skips credentials even for the real service: a session URI is its own
+        credential.
+        """
         url, emulator = resolve_endpoint(endpoint)
-        creds = load_credentials(credentials_file, anonymous=emulator)
+        creds = load_credentials(credentials_file, anonymous=emulator or anonymous)
         return cls(
             url,
             creds,

@@ -18,6 +18,14 @@ BUCKET = "gcsstream-test"
 _names = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    """Each test has its own journal directory; nothing is written to the user's state dir."""
+    directory = tmp_path / "state"
+    monkeypatch.setenv("GCSSTREAM_STATE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session", params=EMULATOR_NAMES)
 def emulator(request, tmp_path_factory):
     """Each local emulator in turn, started once per test session and stopped at its end."""

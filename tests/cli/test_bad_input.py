@@ -58,6 +58,7 @@ SPECIAL = {
     "no credentials found": (4, "no Google credentials found"),
     "broken credentials file": (4, "is not usable"),
     "unreachable endpoint": (75, "gave up after"),
+    "unwritable state directory": (2, "is not writable"),
 }
 
 
@@ -176,6 +177,13 @@ def test_unreachable_endpoint(env):
     lines = err.strip().splitlines()
     assert all(line.startswith("gcsstream: connection refused; retrying in") for line in lines[:-1]), err
     assert_one_line(code, lines[-1] + "\n", *SPECIAL["unreachable endpoint"])
+
+
+def test_unwritable_state_directory(env, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err = put(f"- gs://{BUCKET}/o", {**env, "GCSSTREAM_STATE_DIR": str(blocker / "state")})
+    assert_one_line(code, err, *SPECIAL["unwritable state directory"])
 
 
 def test_readme_table_matches_the_tests():
