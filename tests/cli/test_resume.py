@@ -10,6 +10,7 @@ import random
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import google_crc32c
@@ -322,3 +323,43 @@ def test_journal_is_private_and_never_half_written(server, env, tmp_path, state_
     assert not [p for p in state_dir.iterdir() if p.name.startswith(".")]  # no temporary left behind
     proc.kill()
     finish(proc)
+
+
+def test_sigint_then_resume_against_gcp_storage_emulator(gcsstream_exe, state_dir, tmp_path):
+    """The same round trip on gcp-storage-emulator (fake-gcs-server finalizes a session when
+    asked for its status, so resume cannot work there: see the README's emulator table)."""
+    from tests.emulators import start_gcp_storage_emulator
+
+    data = os.urandom(5 * CHUNK + 123)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    with start_gcp_storage_emulator(tmp_path / "emu") as emu:
+        emu.create_bucket(BUCKET)
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.url, "GCSSTREAM_STATE_DIR": str(state_dir)}
+        env["PATH"] = f"{Path(gcsstream_exe).parent}:{env['PATH']}"
+        # Feed two chunks and hold the pipe open: gcsstream stores them, then waits for more.
+        proc = subprocess.Popen(
+            ["gcsstream", "put", "--chunk-size", str(CHUNK), "-", f"gs://{BUCKET}/emu"],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        proc.stdin.write(data[: 2 * CHUNK])
+        proc.stdin.flush()
+        # The emulator offers no request events: watch the journal until it records both chunks.
+        deadline = time.monotonic() + 60
+        while not any(json.loads(p.read_text())["persisted"] == 2 * CHUNK for p in state_dir.glob("*.json")):
+            assert time.monotonic() < deadline, "the journal never recorded two chunks"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        proc.stdin.close()
+        entry = only_session(env)
+        assert proc.returncode == 130 and f"gcsstream resume {entry['id']} -" in err.decode()
+        held = subprocess.run(["gcsstream", "status", entry["id"], "--json"], env=env, capture_output=True)
+        assert json.loads(held.stdout)["held"] == 2 * CHUNK
+        rc, _, err = finish(gcs(f"resume {entry['id']} -", env, src))
+        assert rc == 0, err
+        stored = emu.read_object(BUCKET, "emu")
+        assert hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
+        assert emu.object_resource(BUCKET, "emu")["crc32c"] == crc32c_b64(data)
