@@ -1,5 +1,6 @@
 """gcsstream: stream stdin or files of any size into Google Cloud Storage, verified end to end."""
 
+from gcsstream.api import ObjectWriter, open_upload, upload
 from gcsstream.engine import Uploader, UploadResult
 from gcsstream.errors import (
     AuthError,
@@ -19,6 +20,15 @@ from gcsstream.transport import Transport
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    if name == "aio":  # imported on first use: the command line never needs asyncio
+        import gcsstream.aio
+
+        return gcsstream.aio
+    raise AttributeError(f"module 'gcsstream' has no attribute {name!r}")
+
+
 __all__ = [
     "AuthError",
     "FileSource",
@@ -27,6 +37,7 @@ __all__ = [
     "Interrupted",
     "IterableSource",
     "NotFoundError",
+    "ObjectWriter",
     "ObjectMetadata",
     "ObjectURL",
     "PreconditionError",
@@ -40,5 +51,7 @@ __all__ = [
     "UsageError",
     "Uploader",
     "__version__",
+    "open_upload",
     "parse_gs_url",
+    "upload",
 ]

@@ -7,14 +7,17 @@ bytes must not become an object (a producer that failed, a size that is wrong).
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import stat
 import subprocess
-from collections.abc import Iterable, Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, Protocol
 
-from gcsstream.errors import SourceError, UsageError
+from gcsstream.errors import GcsstreamError, SourceError, UsageError
 
 
 class ChunkSource(Protocol):
@@ -159,3 +162,111 @@ def _remaining_size(stream: BinaryIO) -> int | None:
         return max(0, st.st_size - stream.tell())
     except (OSError, AttributeError, ValueError):
         return None
+
+
+class WriterSource:
+    """Bytes pushed by a writer (``open_upload``, ``aio``), pulled by the chunk window.
+
+    It holds at most about ``budget`` bytes: a writer that gets ahead waits (``put``) or is told
+    to (``offer`` returns False), which is the backpressure that keeps memory bounded. Each read
+    assembles its chunk in a ``BytesIO`` as pieces arrive, releasing them at once, and hands the
+    buffer over as ``bytes`` without a second copy; so a chunk never exists twice.
+    """
+
+    def __init__(self, budget: int, description: str = "the writer") -> None:
+        self.description = description
+        self.size: int | None = None
+        self._budget = budget
+        self._cond = threading.Condition()
+        self._pieces: deque[memoryview] = deque()
+        self._buffered = 0
+        self._ended = False
+        self._failure: BaseException | None = None
+        #: Called (from the reader thread) whenever space frees up: async writers wake on it.
+        self.on_space: Callable[[], None] | None = None
+
+    # -- the writer's side ----------------------------------------------------------------------
+
+    def offer(self, data: bytes) -> bool:
+        """Take ``data`` if there is room now; never blocks."""
+        with self._cond:
+            self._check_open()
+            if self._buffered >= self._budget:
+                return False
+            self._append(data)
+            return True
+
+    def put(self, data: bytes) -> None:
+        """Take ``data``, waiting while the buffer is full."""
+        with self._cond:
+            while True:
+                self._check_open()
+                if self._buffered < self._budget:
+                    self._append(data)
+                    return
+                self._cond.wait()
+
+    def end(self) -> None:
+        """No more data: the upload may finalize."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def fail(self, failure: BaseException) -> None:
+        """Stop both sides: the writer's exception, or the upload's error."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = failure
+            self._cond.notify_all()
+        if self.on_space is not None:
+            self.on_space()
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(memoryview(data))
+            self._buffered += len(data)
+            self._cond.notify_all()
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            if isinstance(self._failure, GcsstreamError):
+                raise self._failure
+            raise SourceError(f"the upload was abandoned: {self._failure!r}")
+        if self._ended:
+            raise ValueError("write to a closed upload")
+
+    # -- the chunk window's side ----------------------------------------------------------------
+
+    def read(self, n: int) -> bytes:
+        chunk = io.BytesIO()
+        need = n
+        while need:
+            with self._cond:
+                while not self._pieces and not self._ended and self._failure is None:
+                    self._cond.wait()
+                if self._failure is not None:
+                    raise SourceError(f"{self.description} failed: {self._failure!r}")
+                if not self._pieces:  # ended
+                    break
+                while self._pieces and need:
+                    piece = self._pieces[0]
+                    if len(piece) <= need:
+                        self._pieces.popleft()
+                    else:
+                        self._pieces[0] = piece[need:]
+                        piece = piece[:need]
+                    chunk.write(piece)
+                    need -= len(piece)
+                    self._buffered -= len(piece)
+                self._cond.notify_all()
+            if self.on_space is not None:
+                self.on_space()
+        return chunk.getvalue()
+
+    def finish(self) -> None:
+        with self._cond:
+            if self._failure is not None:
+                raise SourceError(f"{self.description} failed: {self._failure!r}")
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,294 @@
+"""The library's front door: ``open_upload`` (a writable file object) and ``upload``.
+
+Both run the one engine (``Uploader``) that the command line runs, with the command line's
+options as keyword arguments. A writer feeds the engine through a bounded ``WriterSource``; the
+engine runs on a thread of its own, so ``write`` only hands bytes over (and waits when the
+upload is a chunk behind: that is the backpressure that bounds memory).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from google.auth import credentials as auth_credentials
+
+from gcsstream.engine import Resume, Uploader, UploadResult
+from gcsstream.errors import GcsstreamError, SourceError, UsageError
+from gcsstream.events import EventCallback
+from gcsstream.options import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_RETRY_DEADLINE,
+    ChecksumMode,
+    ObjectMetadata,
+    ObjectURL,
+    UploadOptions,
+    parse_gs_url,
+    parse_size,
+)
+from gcsstream.sources import ChunkSource, FileSource, IterableSource, StreamSource, WriterSource
+from gcsstream.transport import Transport, resolve_endpoint
+
+Credentials = str | os.PathLike[str] | auth_credentials.Credentials
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything an upload needs, resolved from keyword arguments."""
+
+    destination: ObjectURL
+    options: UploadOptions
+    metadata: ObjectMetadata
+    transport: Transport
+    progress: EventCallback | None
+    resume: Resume | None
+
+    def uploader(self) -> Uploader:
+        return Uploader(self.transport, self.options, on_event=self.progress)
+
+
+def _plan(
+    url: str,
+    *,
+    chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+    checksum: ChecksumMode = "crc32c",
+    content_type: str | None = None,
+    cache_control: str | None = None,
+    content_encoding: str | None = None,
+    content_disposition: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    storage_class: str | None = None,
+    kms_key: str | None = None,
+    if_generation_match: int | None = None,
+    size: int | None = None,
+    retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+    endpoint: str | None = None,
+    credentials: Credentials | None = None,
+    project: str | None = None,
+    progress: EventCallback | None = None,
+    session_uri: str | None = None,
+) -> _Plan:
+    options = UploadOptions(
+        chunk_size=parse_size(chunk_size),
+        checksum=checksum,
+        if_generation_match=if_generation_match,
+        retry_deadline=retry_deadline,
+        expected_size=size,
+    )
+    object_metadata = ObjectMetadata(
+        content_type=content_type,
+        cache_control=cache_control,
+        content_encoding=content_encoding,
+        content_disposition=content_disposition,
+        storage_class=storage_class,
+        kms_key=kms_key,
+        metadata=dict(metadata or {}),
+    )
+    if isinstance(credentials, auth_credentials.Credentials):
+        transport = Transport(resolve_endpoint(endpoint)[0], credentials, user_project=project)
+    else:
+        transport = Transport.connect(
+            endpoint,
+            credentials_file=os.fspath(credentials) if credentials else None,
+            user_project=project,
+            anonymous=session_uri is not None and credentials is None,
+        )
+    resume = Resume(session_uri) if session_uri else None
+    return _Plan(parse_gs_url(url), options, object_metadata, transport, progress, resume)
+
+
+class ObjectWriter(io.BufferedIOBase):
+    """A writable binary file whose bytes become one Cloud Storage object.
+
+    ``close()`` finalizes the upload and returns once the object exists and its checksums match
+    (``result`` then holds it); an exception inside a ``with`` block cancels the upload, and no
+    object is created. Works with ``shutil.copyfileobj`` and ``tarfile.open(fileobj=w, mode="w|")``.
+    """
+
+    def __init__(self, plan: _Plan) -> None:
+        super().__init__()
+        self._plan = plan
+        self._source = WriterSource(plan.options.chunk_size)
+        self._outcome: UploadResult | BaseException | None = None
+        self._session_uri: str | None = None
+        self._thread = threading.Thread(target=self._run, name="gcsstream-upload", daemon=True)
+        self._thread.start()
+
+    @property
+    def session_uri(self) -> str | None:
+        """The resumable session's URI once it exists: a credential, so keep it secret."""
+        return self._session_uri
+
+    @property
+    def result(self) -> UploadResult | None:
+        """The finished object, after a successful ``close()``."""
+        return self._outcome if isinstance(self._outcome, UploadResult) else None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:  # bytes-like, as for any binary file
+        if self.closed:
+            raise ValueError("write to a closed upload")
+        piece = data if type(data) is bytes else bytes(data)  # the caller may reuse its buffer
+        self._source.put(piece)
+        return len(piece)
+
+    def close(self) -> None:
+        """Finalize: wait until the object exists and is verified; raise if it could not be."""
+        if self.closed:
+            return
+        super().close()
+        self._source.end()
+        self._thread.join()
+        self._plan.transport.close()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+
+    def abort(self, reason: BaseException | None = None) -> None:
+        """Cancel the upload: the session is cancelled and no object is created."""
+        if self.closed:
+            return
+        super().close()
+        self._source.fail(reason or SourceError("the upload was aborted"))
+        self._thread.join()
+        self._plan.transport.close()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None:
+            self.abort(exc)
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        # IOBase would close(), i.e. finalize, a writer that was dropped mid-way: never do that.
+        if not self.closed:
+            self._source.fail(SourceError("the writer was discarded without close()"))
+
+    # the engine's thread ---------------------------------------------------------------------
+
+    def started(self, session_uri: str) -> None:
+        self._session_uri = session_uri
+
+    def persisted(self, offset: int, crc32c: int) -> None:
+        pass
+
+    def finished(self) -> None:
+        pass
+
+    def _run(self) -> None:
+        plan = self._plan
+        try:
+            self._outcome = plan.uploader().upload(
+                self._source, plan.destination, plan.metadata, recorder=self, resume=plan.resume
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread
+            self._outcome = exc
+            self._source.fail(exc)
+
+
+def open_upload(
+    url: str,
+    *,
+    chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+    checksum: ChecksumMode = "crc32c",
+    content_type: str | None = None,
+    cache_control: str | None = None,
+    content_encoding: str | None = None,
+    content_disposition: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    storage_class: str | None = None,
+    kms_key: str | None = None,
+    if_generation_match: int | None = None,
+    size: int | None = None,
+    retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+    endpoint: str | None = None,
+    credentials: Credentials | None = None,
+    project: str | None = None,
+    progress: EventCallback | None = None,
+    session_uri: str | None = None,
+) -> ObjectWriter:
+    """Open ``gs://BUCKET/OBJECT`` for writing; closing the file creates the verified object.
+
+    Args:
+        url: the destination, ``gs://BUCKET/OBJECT``.
+        chunk_size: bytes per request, a multiple of 256 KiB (int or ``"16MiB"``); memory use is
+            about three chunks.
+        checksum: ``"crc32c"`` (default), ``"md5"``, ``"both"`` or ``"none"``: computed while
+            writing, sent with the final request (the service refuses a mismatch) and verified.
+        content_type: default guessed from the object name, else application/octet-stream.
+        cache_control, content_encoding, content_disposition, storage_class, kms_key: object
+            metadata fields.
+        metadata: custom metadata.
+        if_generation_match: replace only this generation; 0: the object must not exist.
+        size: the exact number of bytes that will be written; anything else fails.
+        retry_deadline: seconds to keep retrying a failing request (then ``TransientError``).
+        endpoint: default ``$STORAGE_EMULATOR_HOST``, else the real service.
+        credentials: a service-account key file, or google-auth credentials; default:
+            Application Default Credentials (none against an emulator).
+        project: the project billed for requester-pays buckets.
+        progress: called with each progress event (see ``gcsstream.events``), on the upload's
+            thread: record, don't draw.
+        session_uri: continue this existing session: write the whole stream again from its
+            start; what the service already holds is checksummed and skipped, not resent.
+
+    Raises ``GcsstreamError`` subclasses (see ``gcsstream.errors``) from ``write`` or ``close``.
+    """
+    return ObjectWriter(_plan(url, **_options(locals())))
+
+
+def upload(
+    source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
+    url: str,
+    *,
+    chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+    checksum: ChecksumMode = "crc32c",
+    content_type: str | None = None,
+    cache_control: str | None = None,
+    content_encoding: str | None = None,
+    content_disposition: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    storage_class: str | None = None,
+    kms_key: str | None = None,
+    if_generation_match: int | None = None,
+    size: int | None = None,
+    retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+    endpoint: str | None = None,
+    credentials: Credentials | None = None,
+    project: str | None = None,
+    progress: EventCallback | None = None,
+    session_uri: str | None = None,
+) -> UploadResult:
+    """Upload a file path, a binary file object or an iterable of bytes to ``gs://BUCKET/OBJECT``.
+
+    Returns the verified object (``name``, ``generation``, ``size``, ``crc32c``, ``md5``, and the
+    full ``resource``). Takes the keyword arguments of ``open_upload``.
+    """
+    plan = _plan(url, **_options(locals()))
+    try:
+        return plan.uploader().upload(_source(source), plan.destination, plan.metadata, resume=plan.resume)
+    finally:
+        plan.transport.close()
+
+
+def _options(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in arguments.items() if k not in ("url", "source")}
+
+
+def _source(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes]) -> ChunkSource:
+    if isinstance(source, (str, os.PathLike)):
+        return FileSource(source)
+    if hasattr(source, "read"):
+        return StreamSource(source, getattr(source, "name", "stream"))  # type: ignore[arg-type]
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return IterableSource([bytes(source)], "bytes")
+    if isinstance(source, Iterable):
+        return IterableSource(source, "iterable")
+    raise UsageError(f"cannot upload a {type(source).__name__}: give a path, a binary file or bytes")
+
+
+__all__ = ["GcsstreamError", "ObjectWriter", "open_upload", "upload"]
