@@ -19,6 +19,7 @@ import typer
 from typer.exceptions import TyperException
 
 from gcsstream import __version__
+from gcsstream.download import Downloader, parse_range
 from gcsstream.engine import Resume, Uploader, UploadResult
 from gcsstream.errors import (
     GcsstreamError,
@@ -40,9 +41,9 @@ from gcsstream.options import (
     parse_metadata,
     parse_size,
 )
-from gcsstream.progress import EventPrinter, format_summary, human_bytes
+from gcsstream.progress import ProgressState, display, format_download_summary, format_summary, human_bytes
 from gcsstream.redact import RedactingFilter, redact
-from gcsstream.sources import ChunkSource, FileSource, ProducerSource, StreamSource
+from gcsstream.sources import ChunkSource, FileSource, GzipSource, ProducerSource, StreamSource
 from gcsstream.transport import Transport
 
 T = TypeVar("T")
@@ -62,6 +63,16 @@ Examples:
   gcsstream put /var/backups/db.dump gs://my-bucket/db/$(date +%F).dump --no-clobber
 
   gcsstream put --exec 'pg_dump mydb' gs://my-bucket/db.sql --metadata source=pg_dump --json
+"""
+
+CAT_EXAMPLES = """\
+Examples:
+
+  gcsstream cat gs://my-bucket/backups/site.tar | tar x
+
+  gcsstream cat gs://my-bucket/db.sql.gz --raw > db.sql.gz      # the stored (compressed) bytes
+
+  gcsstream cat gs://my-bucket/big.iso --range 0-1048575 | file -
 """
 
 RESUME_EXAMPLES = """\
@@ -113,8 +124,24 @@ CredentialsOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Log HTTP exchanges (redacted) and show tracebacks.")]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Force the live progress bar on, or all progress output off. Default: a bar on a "
+        "terminal, plain timestamped lines otherwise.",
+        show_default=False,
+    ),
+]
+ProgressIntervalOpt = Annotated[
+    float, typer.Option(help="Seconds between plain status lines when stderr is not a terminal.")
+]
 RetryInitialDelayOpt = Annotated[float, typer.Option(hidden=True)]
 IoTimeoutOpt = Annotated[float, typer.Option(hidden=True)]
+LimitRateOpt = Annotated[
+    str | None,
+    typer.Option(help="Cap the upload at this many bytes a second, averaged over a second: 20M, 500K."),
+]
 
 
 def _version(value: bool) -> None:
@@ -183,12 +210,23 @@ def put(
     restart: Annotated[
         bool, typer.Option("--restart", help="Start afresh even if an unfinished upload of this file exists.")
     ] = False,
+    gzip: Annotated[
+        bool,
+        typer.Option(
+            "--gzip",
+            help="Compress on the fly and set Content-Encoding: gzip (checksums are of "
+            "the stored, compressed bytes).",
+        ),
+    ] = False,
+    limit_rate: LimitRateOpt = None,
     retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
     endpoint: EndpointOpt = None,
     project: ProjectOpt = None,
     credentials: CredentialsOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    progress: ProgressOpt = None,
+    progress_interval: ProgressIntervalOpt = 30.0,
     debug: DebugOpt = False,
     retry_initial_delay: RetryInitialDelayOpt = 1.0,
     io_timeout: IoTimeoutOpt = 120.0,
@@ -209,6 +247,10 @@ def put(
         raise UsageError("missing the destination: gcsstream put SRC gs://BUCKET/OBJECT")
     if no_clobber and if_generation_match not in (None, 0):
         raise UsageError("--no-clobber and --if-generation-match N contradict each other")
+    if gzip and size is not None:
+        raise UsageError("--size counts the stored bytes, which --gzip makes unknown in advance")
+    if gzip and content_encoding not in (None, "gzip"):
+        raise UsageError(f"--gzip sets Content-Encoding: gzip, not {content_encoding!r}")
     options = UploadOptions(
         chunk_size=check_chunk_size(parse_size(chunk_size)),
         checksum=checksum.value,
@@ -221,7 +263,7 @@ def put(
     object_metadata = ObjectMetadata(
         content_type=content_type,
         cache_control=cache_control,
-        content_encoding=content_encoding,
+        content_encoding="gzip" if gzip else content_encoding,
         content_disposition=content_disposition,
         storage_class=storage_class,
         kms_key=kms_key,
@@ -230,12 +272,18 @@ def put(
     destination = parse_gs_url(dest, default_name=None if src in ("-", "") else os.path.basename(src))
     journal = Journal()
     journal.check_writable()
-    source = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
+    raw_source = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
+    source: ChunkSource = GzipSource(raw_source) if gzip else raw_source
     with Transport.connect(
-        endpoint, credentials_file=credentials, user_project=project, io_timeout=io_timeout
+        endpoint,
+        credentials_file=credentials,
+        user_project=project,
+        io_timeout=io_timeout,
+        rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
-        uploader = Uploader(transport, options, on_event=None if quiet else EventPrinter())
-        identity = _source_identity(source)
+        state = ProgressState(str(destination), source.size)
+        uploader = Uploader(transport, options, on_event=state.record)
+        identity = {**_source_identity(raw_source), **({"gzip": True} if gzip else {})}
         resume, recorder = (
             None,
             JournalRecorder(
@@ -265,11 +313,14 @@ def put(
                 resume = Resume(earlier.session_uri, verify=(earlier.persisted, earlier.persisted_crc32c))
                 recorder = JournalRecorder(journal, earlier)
                 object_metadata = ObjectMetadata(content_type=str(earlier.resource.get("contentType")))
-        result = _resumable(
-            recorder,
-            lambda: uploader.upload(source, destination, object_metadata, recorder=recorder, resume=resume),
-        )
-    _report(result, json_output, quiet)
+        with display(state, mode=progress, interval=progress_interval, quiet=quiet):
+            result = _resumable(
+                recorder,
+                lambda: uploader.upload(
+                    source, destination, object_metadata, recorder=recorder, resume=resume
+                ),
+            )
+    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "")
 
 
 @app.command(epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
@@ -280,12 +331,15 @@ def resume(
         typer.Argument(help="The same input again: - for a stream; default: the journal's file."),
     ] = None,
     chunk_size: Annotated[str | None, typer.Option(help="Bytes per request (default: as before).")] = None,
+    limit_rate: LimitRateOpt = None,
     retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
     endpoint: EndpointOpt = None,
     project: ProjectOpt = None,
     credentials: CredentialsOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    progress: ProgressOpt = None,
+    progress_interval: ProgressIntervalOpt = 30.0,
     debug: DebugOpt = False,
     retry_initial_delay: RetryInitialDelayOpt = 1.0,
     io_timeout: IoTimeoutOpt = 120.0,
@@ -315,9 +369,11 @@ def resume(
                 f"... | gcsstream resume {entry.id} -"
             )
         src = str(entry.source["path"])
-    source = _open_source(src)
+    raw_source = _open_source(src)
     if entry is not None and not entry.is_stream:
-        _check_file_unchanged(entry, source)
+        _check_file_unchanged(entry, raw_source)
+    gzip = bool(entry and entry.source.get("gzip"))
+    source: ChunkSource = GzipSource(raw_source) if gzip else raw_source
     options = UploadOptions(
         chunk_size=check_chunk_size(parse_size(chunk_size))
         if chunk_size
@@ -335,22 +391,80 @@ def resume(
         user_project=project,
         io_timeout=io_timeout,
         anonymous=entry is None and credentials is None,
+        rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
-        uploader = Uploader(transport, options, on_event=None if quiet else EventPrinter())
+        state = ProgressState(str(destination), source.size)
+        uploader = Uploader(transport, options, on_event=state.record)
         verify = (entry.persisted, entry.persisted_crc32c) if entry else None
         content_type = (entry.resource if entry else {}).get("contentType", "application/octet-stream")
         recorder = JournalRecorder(journal, entry) if entry else None
-        result = _resumable(
-            recorder,
-            lambda: uploader.upload(
-                source,
-                destination,
-                ObjectMetadata(content_type=str(content_type)),
-                recorder=recorder,
-                resume=Resume(session_uri, verify=verify),
-            ),
-        )
-    _report(result, json_output, quiet)
+        with display(state, mode=progress, interval=progress_interval, quiet=quiet):
+            result = _resumable(
+                recorder,
+                lambda: uploader.upload(
+                    source,
+                    destination,
+                    ObjectMetadata(content_type=str(content_type)),
+                    recorder=recorder,
+                    resume=Resume(session_uri, verify=verify),
+                ),
+            )
+    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "")
+
+
+@app.command(epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
+def cat(
+    url: Annotated[str, typer.Argument(help="gs://BUCKET/OBJECT to write to standard output.")],
+    byte_range: Annotated[
+        str | None,
+        typer.Option("--range", help="Only bytes START-END (inclusive), START-, or -N (the last N)."),
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Write a gzip-encoded object as stored, not decompressed.")
+    ] = False,
+    checksum: Annotated[
+        Checksum, typer.Option(help="Checksum compared with the object's after a whole-object read.")
+    ] = Checksum.crc32c,
+    retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
+    endpoint: EndpointOpt = None,
+    project: ProjectOpt = None,
+    credentials: CredentialsOpt = None,
+    quiet: QuietOpt = False,
+    progress: ProgressOpt = None,
+    progress_interval: ProgressIntervalOpt = 30.0,
+    debug: DebugOpt = False,
+    retry_initial_delay: RetryInitialDelayOpt = 1.0,
+    io_timeout: IoTimeoutOpt = 120.0,
+) -> None:
+    """Stream an object to standard output, checking its CRC32C (or MD5) as it goes.
+
+    A broken download resumes from the byte it reached, with the same retry rules as uploads,
+    pinned to the generation it started with. If the bytes do not match the object's checksum,
+    the last line says so and the exit code is 3.
+    """
+    if debug:
+        _log_http()
+    source = parse_gs_url(url)
+    span = parse_range(byte_range) if byte_range else None
+    options = UploadOptions(
+        checksum=checksum.value,
+        retry_deadline=retry_deadline,
+        retry_initial_delay=retry_initial_delay,
+        io_timeout=io_timeout,
+    )
+    if sys.stdout.isatty():
+        raise UsageError("standard output is a terminal; redirect it (gcsstream cat gs://b/o > file)")
+    with Transport.connect(
+        endpoint, credentials_file=credentials, user_project=project, io_timeout=io_timeout
+    ) as transport:
+        state = ProgressState(str(source))
+        downloader = Downloader(transport, options, on_progress=state.progress)
+        if span is None:
+            state.size = int(downloader.object_resource(source)["size"])
+        with display(state, mode=progress, interval=progress_interval, quiet=quiet, verb="received"):
+            result = downloader.download(source, sys.stdout.buffer, byte_range=span, raw=raw)
+    if not quiet:
+        print(format_download_summary(result), file=sys.stderr, flush=True)
 
 
 @app.command()
@@ -570,11 +684,11 @@ def _stopped(reason: str, recorder: JournalRecorder | None) -> str:
     return f"{reason}; {stored} are stored; continue with: {again}"
 
 
-def _report(result: UploadResult, json_output: bool, quiet: bool) -> None:
+def _report(result: UploadResult, json_output: bool, quiet: bool, note: str = "") -> None:
     if json_output:
         print(json.dumps(result.summary()), flush=True)
     elif not quiet:
-        print(format_summary(result), file=sys.stderr, flush=True)
+        print(format_summary(result, note), file=sys.stderr, flush=True)
 
 
 def _say(message: str, quiet: bool) -> None:

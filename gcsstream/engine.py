@@ -33,10 +33,23 @@ from gcsstream.errors import (
     TransientError,
     error_for_status,
 )
-from gcsstream.events import ChunkPersisted, EventCallback, Retrying, UploadFinished, UploadStarted
+from gcsstream.events import (
+    ChunkPersisted,
+    ChunkSending,
+    EventCallback,
+    Retrying,
+    UploadFinished,
+    UploadStarted,
+)
 from gcsstream.options import ObjectMetadata, ObjectURL, UploadOptions
 from gcsstream.redact import redact
-from gcsstream.retry import RETRYABLE_EXCEPTIONS, RETRYABLE_STATUSES, Backoff, retry_after_seconds
+from gcsstream.retry import (
+    RETRYABLE_EXCEPTIONS,
+    RETRYABLE_STATUSES,
+    Backoff,
+    describe_network_error,
+    retry_after_seconds,
+)
 from gcsstream.session import Request, ResumableSession, held_bytes, initiate_url, status_request
 from gcsstream.sources import ChunkSource
 from gcsstream.transport import HTTPTransport
@@ -257,6 +270,7 @@ class Uploader:
             )
         window.begin_at(held, verify=resume.verify)
         window.start()
+        window.wait_skipped()  # a wrong input is refused here, before anything is sent
         return held
 
     def _transmit_next_chunk(self, session: ResumableSession, resync: bool, destination: ObjectURL) -> None:
@@ -266,7 +280,9 @@ class Uploader:
             if session.finished:
                 return  # the final chunk had arrived; only its answer was lost
         request = session.prepare_chunk()
-        session.process_chunk(self._send(request, destination), len(request[2] or b""))
+        size = len(request[2] or b"")
+        self._emit(ChunkSending(session.bytes_uploaded, session.bytes_uploaded + size))
+        session.process_chunk(self._send(request, destination), size)
 
     def _retrying(self, attempt: Callable[[bool], T]) -> T:
         """Run ``attempt(retried)`` until it succeeds, a permanent error, or the deadline."""
@@ -355,29 +371,3 @@ def service_message(response: requests.Response) -> str:
     except (ValueError, KeyError, TypeError):
         message = response.text.strip().splitlines()[0] if response.text.strip() else response.reason
     return redact(str(message or "")[:300])
-
-
-def describe_network_error(exc: BaseException) -> str:
-    """A short reason for a network failure: 'connection reset', 'timed out', ..."""
-    if isinstance(exc, (requests.Timeout, TimeoutError)):
-        return "timed out"
-    root: BaseException = exc
-    seen = set()
-    while id(root) not in seen and (root.__cause__ or root.__context__):
-        seen.add(id(root))
-        root = root.__cause__ or root.__context__  # type: ignore[assignment]
-    for cause in (root, exc):
-        if isinstance(cause, ConnectionResetError):
-            return "connection reset"
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, BrokenPipeError):
-            return "connection closed while sending"
-    text = str(exc)
-    if "RemoteDisconnected" in text or "closed connection" in text:
-        return "connection closed by the server"
-    if "Connection refused" in text:
-        return "connection refused"
-    if "Name or service not known" in text or "NameResolutionError" in text:
-        return "cannot resolve the endpoint's host name"
-    return f"network error ({type(exc).__name__})"

@@ -26,6 +26,14 @@ class UploadStarted:
 
 
 @dataclass(frozen=True)
+class ChunkSending:
+    """A request carrying bytes ``first`` up to ``end`` is going out."""
+
+    first: int
+    end: int
+
+
+@dataclass(frozen=True)
 class ChunkPersisted:
     """The service confirmed bytes: ``persisted`` of them are safe, ``read`` came from the source."""
 
@@ -48,5 +56,5 @@ class UploadFinished:
     result: UploadResult
 
 
-Event = UploadStarted | ChunkPersisted | Retrying | UploadFinished
+Event = UploadStarted | ChunkSending | ChunkPersisted | Retrying | UploadFinished
 EventCallback = Callable[[Event], None]

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import requests
+import urllib3
 from google.auth import exceptions as auth_exceptions
 
 #: Statuses the service documents as transient.
@@ -19,6 +20,8 @@ RETRYABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
     requests.ConnectionError,
     requests.Timeout,
     requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,  # a body read straight from urllib3 (downloads) broke off
+    urllib3.exceptions.ReadTimeoutError,
     auth_exceptions.TransportError,
     ConnectionError,
     TimeoutError,
@@ -73,3 +76,29 @@ class Backoff:
     @property
     def elapsed(self) -> float:
         return 0.0 if self._started is None else self.clock() - self._started
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """A short reason for a network failure: 'connection reset', 'timed out', ..."""
+    if isinstance(exc, (requests.Timeout, TimeoutError, urllib3.exceptions.ReadTimeoutError)):
+        return "timed out"
+    root: BaseException = exc
+    seen = set()
+    while id(root) not in seen and (root.__cause__ or root.__context__):
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    for cause in (root, exc):
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, BrokenPipeError):
+            return "connection closed while sending"
+    text = str(exc)
+    if "RemoteDisconnected" in text or "closed connection" in text:
+        return "connection closed by the server"
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "NameResolutionError" in text:
+        return "cannot resolve the endpoint's host name"
+    return f"network error ({type(exc).__name__})"

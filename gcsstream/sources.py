@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, Protocol
@@ -270,3 +271,40 @@ class WriterSource:
 
     def close(self) -> None:
         pass
+
+
+class GzipSource:
+    """Another source's bytes, gzip-compressed on the fly (``--gzip``).
+
+    Compression runs where reads happen, on the chunk window's reader thread, so it overlaps
+    sending. Checksums and sizes are then of the compressed bytes: what the service stores.
+    """
+
+    def __init__(self, inner: ChunkSource, level: int = 6) -> None:
+        self._inner = inner
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip framing
+        self._pending = memoryview(b"")
+        self._flushed = False
+        self.description = inner.description
+        self.size: int | None = None
+
+    def read(self, n: int) -> bytes:
+        out = io.BytesIO()
+        while out.tell() < n:
+            if self._pending:
+                take = self._pending[: n - out.tell()]
+                out.write(take)
+                self._pending = self._pending[len(take) :]
+                continue
+            if self._flushed:
+                break
+            data = self._inner.read(n)
+            self._pending = memoryview(self._compressor.compress(data) if data else self._compressor.flush())
+            self._flushed = not data
+        return out.getvalue()
+
+    def finish(self) -> None:
+        self._inner.finish()
+
+    def close(self) -> None:
+        self._inner.close()

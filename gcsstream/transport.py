@@ -7,6 +7,8 @@ it prepared requests and gets responses back, which keeps a fake transport a dro
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Protocol
 
 import google.auth
@@ -72,6 +74,49 @@ def load_credentials(
     return creds
 
 
+class RateLimiter:
+    """A token bucket: at most ``rate`` bytes a second on average, bursts of one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        if rate <= 0:
+            raise UsageError("the rate limit must be positive")
+        self.rate = rate
+        self._tokens = rate
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def consume(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate) - n
+            self._last = now
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait:
+            time.sleep(wait)
+
+
+class _PacedBody:
+    """A request body handed to the socket in slices, each paid for with the limiter's tokens."""
+
+    SLICE = 64 * 1024
+
+    def __init__(self, data: bytes, limiter: RateLimiter) -> None:
+        self._view = memoryview(data)
+        self._offset = 0
+        self._limiter = limiter
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, n: int = -1) -> memoryview:
+        size = self.SLICE if n is None or n < 0 else min(n, self.SLICE)
+        piece = self._view[self._offset : self._offset + size]
+        self._offset += len(piece)
+        if piece:
+            self._limiter.consume(len(piece))
+        return piece
+
+
 class Transport:
     """One keep-alive connection pool to one endpoint; credentials refreshed on 401."""
 
@@ -83,9 +128,11 @@ class Transport:
         user_project: str | None = None,
         connect_timeout: float = 20.0,
         io_timeout: float = 120.0,
+        rate_limit: float | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.user_project = user_project
+        self._limiter = RateLimiter(rate_limit) if rate_limit else None
         self._session = AuthorizedSession(credentials)
         self._timeout = (connect_timeout, io_timeout)
 
@@ -99,6 +146,7 @@ class Transport:
         connect_timeout: float = 20.0,
         io_timeout: float = 120.0,
         anonymous: bool = False,
+        rate_limit: float | None = None,
     ) -> Transport:
         """A transport for ``endpoint`` (see ``resolve_endpoint``) with the right credentials.
 
@@ -113,12 +161,22 @@ class Transport:
             user_project=user_project,
             connect_timeout=connect_timeout,
             io_timeout=io_timeout,
+            rate_limit=rate_limit,
         )
 
     def request(
-        self, method: str, url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        url: str,
+        *,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
     ) -> requests.Response:
-        return self._session.request(method, url, data=data, headers=headers, timeout=self._timeout)
+        body = _PacedBody(data, self._limiter) if data and self._limiter else data
+        return self._session.request(
+            method, url, data=body, headers=headers, timeout=self._timeout, stream=stream
+        )
 
     def close(self) -> None:
         self._session.close()

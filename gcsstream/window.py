@@ -47,6 +47,7 @@ class ChunkWindow:
         self._floor = 0  # bytes below this were released
         self._floor_crc32c = 0  # CRC32C of the bytes below the floor
         self._check: tuple[int, int] | None = None  # (length, CRC32C) the prefix must have
+        self._skipped = False  # the held prefix (if any) has been read and checked
         self._total: int | None = None  # set at end of input, after source.finish()
         self._error: GcsstreamError | None = None
         self._closed = False
@@ -84,6 +85,14 @@ class ChunkWindow:
         self.close()
 
     # -- what the sender sees -------------------------------------------------------------------
+
+    def wait_skipped(self) -> None:
+        """Block until the resumed prefix has been read and checked; raise if it did not match."""
+        with self._cond:
+            while not self._skipped and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
 
     @property
     def total(self) -> int | None:
@@ -174,6 +183,9 @@ class ChunkWindow:
             offset = self._read_end
             if offset:
                 self._skip(offset)
+            else:
+                with self._cond:
+                    self._skipped = True
             while True:
                 with self._cond:
                     while len(self._buffers) >= self._depth and not self._closed:
@@ -237,6 +249,8 @@ class ChunkWindow:
                 )
         with self._cond:
             self._floor_crc32c = self._crc_at_read_end = self.checksums.crc32c
+            self._skipped = True
+            self._cond.notify_all()
 
     def _fail(self, error: GcsstreamError) -> None:
         with self._cond:

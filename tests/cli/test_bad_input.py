@@ -175,7 +175,9 @@ def test_unreachable_endpoint(env):
     )
     assert code == 75, err
     lines = err.strip().splitlines()
-    assert all(line.startswith("gcsstream: connection refused; retrying in") for line in lines[:-1]), err
+    assert lines[:-1] and all(
+        "gcsstream: gs://gcsstream-test/o: connection refused, retrying in" in line for line in lines[:-1]
+    ), err
     assert_one_line(code, lines[-1] + "\n", *SPECIAL["unreachable endpoint"])
 
 

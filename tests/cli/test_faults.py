@@ -89,7 +89,7 @@ def test_stall_longer_than_timeout_is_retried(server, put):
     server.faults.add(Fault("stall", on="chunk", nth=2, seconds=4, after_bytes=100_000))
     proc, data = put("--io-timeout 1")
     assert proc.returncode == 0, proc.stderr.decode()
-    assert b"timed out; retrying" in proc.stderr
+    assert b"timed out, retrying" in proc.stderr
     assert_stored(server, BUCKET, "obj", data)
 
 
