@@ -8,11 +8,13 @@ upload is a chunk behind: that is the backpressure that bounds memory).
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 from google.auth import credentials as auth_credentials
@@ -51,54 +53,38 @@ class _Plan:
         return Uploader(self.transport, self.options, on_event=self.progress)
 
 
-def _plan(
-    url: str,
-    *,
-    chunk_size: int | str = DEFAULT_CHUNK_SIZE,
-    checksum: ChecksumMode = "crc32c",
-    content_type: str | None = None,
-    cache_control: str | None = None,
-    content_encoding: str | None = None,
-    content_disposition: str | None = None,
-    metadata: Mapping[str, str] | None = None,
-    storage_class: str | None = None,
-    kms_key: str | None = None,
-    if_generation_match: int | None = None,
-    size: int | None = None,
-    retry_deadline: float = DEFAULT_RETRY_DEADLINE,
-    endpoint: str | None = None,
-    credentials: Credentials | None = None,
-    project: str | None = None,
-    progress: EventCallback | None = None,
-    session_uri: str | None = None,
-) -> _Plan:
-    options = UploadOptions(
-        chunk_size=parse_size(chunk_size),
-        checksum=checksum,
-        if_generation_match=if_generation_match,
-        retry_deadline=retry_deadline,
-        expected_size=size,
+def _plan(url: str, **options: Any) -> _Plan:
+    """Resolve ``open_upload``'s keyword arguments (the one place they are declared)."""
+    bound = inspect.signature(open_upload).bind(url, **options)  # unknown names: TypeError
+    bound.apply_defaults()
+    o = SimpleNamespace(**bound.arguments)
+    upload_options = UploadOptions(
+        chunk_size=parse_size(o.chunk_size),
+        checksum=o.checksum,
+        if_generation_match=o.if_generation_match,
+        retry_deadline=o.retry_deadline,
+        expected_size=o.size,
     )
     object_metadata = ObjectMetadata(
-        content_type=content_type,
-        cache_control=cache_control,
-        content_encoding=content_encoding,
-        content_disposition=content_disposition,
-        storage_class=storage_class,
-        kms_key=kms_key,
-        metadata=dict(metadata or {}),
+        content_type=o.content_type,
+        cache_control=o.cache_control,
+        content_encoding=o.content_encoding,
+        content_disposition=o.content_disposition,
+        storage_class=o.storage_class,
+        kms_key=o.kms_key,
+        metadata=dict(o.metadata or {}),
     )
-    if isinstance(credentials, auth_credentials.Credentials):
-        transport = Transport(resolve_endpoint(endpoint)[0], credentials, user_project=project)
+    if isinstance(o.credentials, auth_credentials.Credentials):
+        transport = Transport(resolve_endpoint(o.endpoint)[0], o.credentials, user_project=o.project)
     else:
         transport = Transport.connect(
-            endpoint,
-            credentials_file=os.fspath(credentials) if credentials else None,
-            user_project=project,
-            anonymous=session_uri is not None and credentials is None,
+            o.endpoint,
+            credentials_file=os.fspath(o.credentials) if o.credentials else None,
+            user_project=o.project,
+            anonymous=o.session_uri is not None and o.credentials is None,
         )
-    resume = Resume(session_uri) if session_uri else None
-    return _Plan(parse_gs_url(url), options, object_metadata, transport, progress, resume)
+    resume = Resume(o.session_uri) if o.session_uri else None
+    return _Plan(parse_gs_url(url), upload_options, object_metadata, transport, o.progress, resume)
 
 
 class ObjectWriter(io.BufferedIOBase):
@@ -238,45 +224,34 @@ def open_upload(
 
     Raises ``GcsstreamError`` subclasses (see ``gcsstream.errors``) from ``write`` or ``close``.
     """
-    return ObjectWriter(_plan(url, **_options(locals())))
+    arguments = dict(locals())
+    return ObjectWriter(_plan(arguments.pop("url"), **arguments))
 
 
 def upload(
-    source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
-    url: str,
-    *,
-    chunk_size: int | str = DEFAULT_CHUNK_SIZE,
-    checksum: ChecksumMode = "crc32c",
-    content_type: str | None = None,
-    cache_control: str | None = None,
-    content_encoding: str | None = None,
-    content_disposition: str | None = None,
-    metadata: Mapping[str, str] | None = None,
-    storage_class: str | None = None,
-    kms_key: str | None = None,
-    if_generation_match: int | None = None,
-    size: int | None = None,
-    retry_deadline: float = DEFAULT_RETRY_DEADLINE,
-    endpoint: str | None = None,
-    credentials: Credentials | None = None,
-    project: str | None = None,
-    progress: EventCallback | None = None,
-    session_uri: str | None = None,
+    source: str | os.PathLike[str] | BinaryIO | Iterable[bytes], url: str, **options: Any
 ) -> UploadResult:
     """Upload a file path, a binary file object or an iterable of bytes to ``gs://BUCKET/OBJECT``.
 
     Returns the verified object (``name``, ``generation``, ``size``, ``crc32c``, ``md5``, and the
     full ``resource``). Takes the keyword arguments of ``open_upload``.
     """
-    plan = _plan(url, **_options(locals()))
+    plan = _plan(url, **options)
     try:
         return plan.uploader().upload(_source(source), plan.destination, plan.metadata, resume=plan.resume)
     finally:
         plan.transport.close()
 
 
-def _options(arguments: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in arguments.items() if k not in ("url", "source")}
+# help(upload) shows the keyword arguments it takes: open_upload's.
+upload.__signature__ = inspect.signature(
+    upload
+).replace(  # type: ignore[attr-defined]
+    parameters=[
+        *list(inspect.signature(upload).parameters.values())[:2],
+        *list(inspect.signature(open_upload).parameters.values())[1:],
+    ]
+)
 
 
 def _source(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes]) -> ChunkSource:
