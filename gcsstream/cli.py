@@ -58,31 +58,38 @@ else."""
 PUT_EXAMPLES = """\
 Examples:
 
+\b
   tar c ./site | gcsstream put - gs://my-bucket/backups/site.tar
-
   gcsstream put /var/backups/db.dump gs://my-bucket/db/$(date +%F).dump --no-clobber
-
   gcsstream put --exec 'pg_dump mydb' gs://my-bucket/db.sql --metadata source=pg_dump --json
 """
 
 CAT_EXAMPLES = """\
 Examples:
 
+\b
   gcsstream cat gs://my-bucket/backups/site.tar | tar x
-
   gcsstream cat gs://my-bucket/db.sql.gz --raw > db.sql.gz      # the stored (compressed) bytes
-
   gcsstream cat gs://my-bucket/big.iso --range 0-1048575 | file -
 """
 
 RESUME_EXAMPLES = """\
 Examples:
 
+\b
   gcsstream resume 3f9c2a1b                       # a file upload: the file is read again
-
   tar c ./site | gcsstream resume 3f9c2a1b -      # a stream: supply the same stream again
-
   gcsstream resume 'https://storage.googleapis.com/upload/...&upload_id=...' big.iso
+"""
+
+SESSIONS_EXAMPLES = """\
+Examples:
+
+\b
+  gcsstream sessions                 # id, bytes held, age, destination, source
+  gcsstream sessions --prune         # forget uploads the service no longer knows
+  gcsstream status 3f9c2a1b --json   # {"upload": ..., "held": 2147483648, "finished": false}
+  gcsstream abort 3f9c2a1b           # cancel it on the service and forget it
 """
 
 app = typer.Typer(
@@ -467,7 +474,7 @@ def cat(
         print(format_download_summary(result), file=sys.stderr, flush=True)
 
 
-@app.command()
+@app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def sessions(
     prune: Annotated[
         bool,
@@ -506,7 +513,7 @@ def sessions(
         print(f"{e.id:<9} {held:>10} {_age(e.created):>6}  {e.destination}  {source}{expired}")
 
 
-@app.command()
+@app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def status(
     upload: Annotated[str, typer.Argument(help="An upload id (see `gcsstream sessions`) or a session URI.")],
     credentials: CredentialsOpt = None,
@@ -539,7 +546,7 @@ def status(
     print(json.dumps(summary) if json_output else line)
 
 
-@app.command()
+@app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def abort(
     upload: Annotated[str, typer.Argument(help="An upload id (see `gcsstream sessions`) or a session URI.")],
     credentials: CredentialsOpt = None,

@@ -235,6 +235,6 @@ def test_every_command_has_help_with_exit_codes(env):
     for command in ("put", "cat", "resume", "sessions", "status", "abort"):
         r = subprocess.run(["gcsstream", command, "--help"], env=env, capture_output=True, text=True)
         assert r.returncode == 0 and "Usage: gcsstream " + command in r.stdout, command
-    for command in ("put", "cat", "resume"):
+    for command in ("put", "cat", "resume", "sessions", "status", "abort"):
         out = subprocess.run(["gcsstream", command, "--help"], env=env, capture_output=True, text=True).stdout
         assert "Examples:" in out and "Exit codes:" in out, command
