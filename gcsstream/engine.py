@@ -199,9 +199,9 @@ class Uploader:
         except SourceError as exc:
             self._discard(session, destination, recorder)
             raise SourceError(f"{exc}; the upload was cancelled and no object was created") from None
-        except IntegrityError:
-            self._discard(session, destination, recorder)
-            raise
+        except IntegrityError as exc:
+            outcome = self._discard(session, destination, recorder)
+            raise IntegrityError(f"{exc}{outcome}") from None
         except common.InvalidResponse as exc:
             raise ServiceError(f"unexpected answer from the service: {redact(str(exc))}") from None
         finally:
@@ -342,22 +342,35 @@ class Uploader:
 
     def _discard(
         self, session: ResumableSession, destination: ObjectURL, recorder: SessionRecorder | None
-    ) -> None:
-        """After a source or integrity failure: cancel the session, or delete the bad object."""
+    ) -> str:
+        """After a source or integrity failure: cancel the session, or delete the bad object.
+
+        Returns what became of a bad object, for the error message: it must not stay unnoticed
+        (an account that may create objects but not delete them gets a 403 here).
+        """
         if recorder is not None:
             recorder.finished()
-        try:
-            if session.resource is not None and "generation" in session.resource:
-                name = urllib.parse.quote(destination.name, safe="")
-                bucket = urllib.parse.quote(destination.bucket, safe="")
-                generation = session.resource["generation"]
-                url = f"{self._transport.endpoint}/storage/v1/b/{bucket}/o/{name}?generation={generation}"
-                self._transport.request("DELETE", url)
-            elif session.resumable_url is not None:
+        if session.resource is not None and "generation" in session.resource:
+            name = urllib.parse.quote(destination.name, safe="")
+            bucket = urllib.parse.quote(destination.bucket, safe="")
+            generation = session.resource["generation"]
+            url = f"{self._transport.endpoint}/storage/v1/b/{bucket}/o/{name}?generation={generation}"
+            try:
+                status = self._transport.request("DELETE", url).status_code
+            except Exception as exc:  # noqa: BLE001 - reported below; the integrity error matters most
+                status, why = None, describe_network_error(exc)
+            else:
+                why = f"{status} from the service"
+            if status is not None and (200 <= status < 300 or status == 404):
+                return "; the bad object was deleted"
+            return f"; the bad object {destination}#{generation} could not be deleted ({why}): delete it"
+        if session.resumable_url is not None:
+            try:
                 method, url, _, headers = session.prepare_cancel()
                 self._transport.request(method, url, headers=headers)
-        except Exception:  # noqa: BLE001 - best effort; the original error is what matters
-            pass
+            except Exception:  # noqa: BLE001 - best effort: an unfinished session creates nothing
+                pass
+        return ""
 
     def _emit(self, event: Any) -> None:
         if self._on_event is not None:

@@ -83,13 +83,18 @@ class Journal:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         data = json.dumps(asdict(entry), indent=1).encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # left by a crashed process with our pid
+            # O_EXCL|O_NOFOLLOW: in a shared state directory, a planted file or symlink at this
+            # name must not receive the session URI.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 os.write(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
+            self._sync_directory()
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -97,6 +102,14 @@ class Journal:
                 f"cannot write the journal in {self.directory}: {exc.strerror or exc} "
                 "(set GCSSTREAM_STATE_DIR to a writable directory)"
             ) from None
+
+    def _sync_directory(self) -> None:
+        """Make the rename itself durable, so that a power loss cannot bring back an older journal."""
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def remove(self, entry_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

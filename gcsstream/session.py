@@ -96,6 +96,7 @@ class ResumableSession(ResumableUpload):
         self._verify_md5 = verify_md5
         #: The object resource once the service has created the object (even a bad one).
         self.resource: dict[str, Any] | None = None
+        self._sent_end = 0  # the end of the furthest chunk sent: no Range may claim more
 
     # -- initiate -------------------------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class ResumableSession(ResumableUpload):
         """The bytes an attached session holds, or None when the upload already finished."""
         held = held_bytes(response)
         if held is not None:
-            self._bytes_uploaded = held
+            self._bytes_uploaded = self._sent_end = held
         return held
 
     # -- chunks ---------------------------------------------------------------------------------
@@ -126,11 +127,18 @@ class ResumableSession(ResumableUpload):
     def prepare_chunk(self) -> Request:
         """The next chunk from the window; the final one carries ``X-Goog-Hash``."""
         total = self._window.total
-        if self._total_bytes is None and total is not None and total > self._window.tell():
+        position = self._window.tell()
+        if self._total_bytes is None and total is not None and total > position:
             # The reader already reached the end: say the total with the last bytes and save
             # a round trip. (With nothing left, the base sends ``bytes */TOTAL`` by itself.)
             self._total_bytes = total
+        elif self._total_bytes is not None and self._total_bytes == position:
+            # Every byte is held but the upload is not final (a resume after the closing request
+            # was lost). The base cannot say ``bytes */TOTAL`` for a known size; with the size
+            # unset it reads the (checked) end of input and does.
+            self._total_bytes = None
         method, url, payload, headers = self._prepare_request()
+        self._sent_end = max(self._sent_end, position + len(payload))
         if is_final_range(headers["content-range"]):
             goog_hash = self._window.checksums.goog_hash_header(
                 crc32c=self._verify_crc32c, md5=self._verify_md5
@@ -148,6 +156,7 @@ class ResumableSession(ResumableUpload):
         else:
             super()._process_resumable_response(response, bytes_sent)
         if response.status_code == 308:
+            self._check_not_beyond_sent()
             self._window.seek(self._bytes_uploaded)  # resend whatever was not persisted
 
     # -- status query (after a failure) ---------------------------------------------------------
@@ -163,6 +172,15 @@ class ResumableSession(ResumableUpload):
             self._bytes_uploaded = int(self.resource["size"]) if self.resource else 0
             return
         self._process_recover_response(response)  # seeks the window to the persisted offset
+        self._check_not_beyond_sent()
+
+    def _check_not_beyond_sent(self) -> None:
+        """A Range past the bytes sent would release (and journal) bytes the service never saw."""
+        if self._bytes_uploaded > self._sent_end:
+            raise IntegrityError(
+                f"the service reports {self._bytes_uploaded} bytes persisted, but only "
+                f"{self._sent_end} were sent"
+            )
 
     # -- cancel ---------------------------------------------------------------------------------
 

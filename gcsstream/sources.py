@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -51,7 +52,11 @@ class StreamSource:
 
     def read(self, n: int) -> bytes:
         try:
-            return self._stream.read(n) or b""
+            while (data := self._stream.read(n)) is None:
+                # A non-blocking descriptor (inherited from a parent) with nothing ready yet:
+                # that is not the end of input, so wait for it rather than finalize early.
+                select.select([self._stream], [], [])
+            return data
         except OSError as exc:
             raise SourceError(f"reading {self.description} failed: {exc.strerror or exc}") from exc
 
@@ -122,28 +127,40 @@ class ProducerSource(StreamSource):
 
 
 class IterableSource:
-    """An iterable of bytes-like pieces of any sizes, regrouped into reads of ``n`` bytes."""
+    """An iterable of bytes-like pieces of any sizes, regrouped into reads of ``n`` bytes.
+
+    A read copies its bytes once at most (none when a piece is exactly one read), however the
+    pieces fall: a large piece is handed out through views, never by re-slicing what is left.
+    """
 
     def __init__(self, pieces: Iterable[bytes], description: str = "iterable") -> None:
         self._pieces: Iterator[bytes] = iter(pieces)
-        self._pending = b""
+        self._piece = b""  # the current piece; bytes before self._used were handed out
+        self._used = 0
         self.description = description
         self.size: int | None = None
 
     def read(self, n: int) -> bytes:
-        parts = [self._pending] if self._pending else []
-        have = len(self._pending)
+        parts: list[bytes | memoryview] = []
+        have = 0
         while have < n:
-            try:
-                piece = next(self._pieces)
-            except StopIteration:
-                break
-            if piece:
-                parts.append(bytes(piece) if not isinstance(piece, bytes) else piece)
-                have += len(piece)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._pending = data[n:] if len(data) > n else b""
-        return data[:n] if len(data) > n else data
+            if self._used == len(self._piece):
+                piece = next(self._pieces, None)
+                if piece is None:
+                    break
+                # bytes are kept as they are; a caller may reuse a bytearray, so copy that
+                self._piece, self._used = (piece if isinstance(piece, bytes) else bytes(piece)), 0
+                continue
+            take = min(n - have, len(self._piece) - self._used)
+            if take == len(self._piece):
+                parts.append(self._piece)
+            else:
+                parts.append(memoryview(self._piece)[self._used : self._used + take])
+            self._used += take
+            have += take
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
 
     def finish(self) -> None:
         pass

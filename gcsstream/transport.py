@@ -114,6 +114,10 @@ class _PacedBody:
         self._offset += len(piece)
         if piece:
             self._limiter.consume(len(piece))
+        else:
+            # The end: rewind, so that a request sent again with this same body (google-auth
+            # resends it after refreshing credentials on a 401) sends all of it again.
+            self._offset = 0
         return piece
 
 

@@ -77,6 +77,11 @@ class ChunkWindow:
             self._closed = True
             self._buffers.clear()
             self._cond.notify_all()
+        if self._thread.ident is None:  # never started (initiate failed): the reader cannot close it
+            try:
+                self._source.close()
+            except OSError:
+                pass
 
     def __enter__(self) -> ChunkWindow:
         return self.start()

@@ -113,10 +113,13 @@ class FakeService:
             session.cancelled = True
             return response(499)
         if method == "DELETE":
-            self.calls.append(Call(method, url, headers, 0, "delete"))
             match = re.match(r"/storage/v1/b/([^/]+)/o/(.+)$", parsed.path)
             key = (match.group(1), urllib.parse.unquote(match.group(2)))
-            return response(204) if self.objects.pop(key, None) else response(404)
+            return self._answer(
+                Call(method, url, headers, 0, "delete"),
+                None,
+                lambda _: response(204) if self.objects.pop(key, None) else response(404),
+            )
         session = self.sessions.get(query.get("upload_id", ""))
         content_range = lower.get("content-range", "")
         kind = "status" if content_range == "bytes */*" else "chunk"

@@ -14,6 +14,7 @@ import requests
 from gcsstream.engine import Uploader
 from gcsstream.errors import (
     AuthError,
+    GcsstreamError,
     IntegrityError,
     NotFoundError,
     PreconditionError,
@@ -22,8 +23,8 @@ from gcsstream.errors import (
 )
 from gcsstream.events import ChunkPersisted, Retrying, UploadFinished, UploadStarted
 from gcsstream.options import ObjectMetadata, ObjectURL, UploadOptions
-from gcsstream.sources import IterableSource, StreamSource
-from tests.unit.fake_service import QUANTUM, FakeService
+from gcsstream.sources import ChunkSource, IterableSource, StreamSource
+from tests.unit.fake_service import QUANTUM, FakeService, response
 
 DEST = ObjectURL("bkt", "dir/obj.bin")
 CHUNK = QUANTUM  # 256 KiB chunks keep the tests small
@@ -44,11 +45,11 @@ class FakeClock:
         self.now += seconds
 
 
-def run(service: FakeService, data: bytes | IterableSource, *, events=None, **options):
+def run(service: FakeService, data: bytes | ChunkSource, *, events=None, **options):
     clock = FakeClock()
     opts = UploadOptions(**{"chunk_size": CHUNK, **options})
     uploader = Uploader(service, opts, on_event=events, sleep=clock.sleep, clock=clock)
-    source = data if isinstance(data, IterableSource) else IterableSource([data])
+    source = IterableSource([data]) if isinstance(data, bytes) else data
     return uploader.upload(source, DEST), clock
 
 
@@ -104,8 +105,8 @@ def test_empty_input_creates_zero_byte_object():
 def test_partial_persistence_resends_from_persisted_offset():
     data = os.urandom(5 * CHUNK + 100)
     service = FakeService()
-    # The service keeps only part of three chunks: half, nothing, and all but 256 KiB of a big one.
-    service.fail("chunk", None, ("keep", 0), None, ("keep", 0))
+    # The service keeps only part of some chunks: half of one, nothing of the next, then half again.
+    service.fail("chunk", ("keep", CHUNK), ("keep", 0), None, ("keep", CHUNK))
     result, _ = run(service, data, chunk_size=2 * CHUNK)
     assert stored(service) == data
     assert result.crc32c == crc32c_b64(data)
@@ -249,6 +250,12 @@ def test_checksum_none_sends_no_hash_but_checks_size():
     run(service, os.urandom(CHUNK + 5), checksum="none")
     assert all("X-Goog-Hash" not in c.headers for c in service.calls)
 
+    short = FakeService()  # a service that "finishes" with fewer bytes than were sent
+    resource = {"name": DEST.name, "size": "7", "generation": "9"}
+    short.fail("final", lambda call, session: response(200, resource))
+    with pytest.raises(IntegrityError, match=f"stored 7 bytes but {CHUNK + 5} were read"):
+        run(short, os.urandom(CHUNK + 5), checksum="none")
+
 
 def test_source_failure_cancels_session_and_creates_nothing():
     def pieces():
@@ -349,10 +356,10 @@ def test_read_ahead_is_bounded_to_two_chunks():
 
         def read(self, n):
             persisted = max((len(s.data) for s in service.sessions.values()), default=0)
-            reads_ahead.append(self.read_bytes - persisted)
             if self.read_bytes >= 12 * CHUNK:
                 return b""
             self.read_bytes += n
+            reads_ahead.append(self.read_bytes - persisted)  # held once this read returns
             return bytes(n)
 
         def finish(self):
@@ -414,8 +421,9 @@ def test_session_uri_never_appears_in_error_messages():
         "chunk", requests.ConnectionError(f"{service.endpoint}/upload?upload_id=secret-upload-id-1 reset")
     )
     service.fail("status", 400)
-    with pytest.raises(Exception) as info:
+    with pytest.raises(GcsstreamError) as info:
         run(service, os.urandom(CHUNK + 1))
+    assert "400" in str(info.value)  # the status query's failure is what is reported
     assert "secret-upload-id" not in str(info.value)
 
 
@@ -434,3 +442,81 @@ def test_credentials_that_cannot_refresh_are_an_auth_error():
     service.fail("chunk", auth_exceptions.InvalidOperation("Anonymous credentials cannot be refreshed."))
     with pytest.raises(AuthError, match="cannot be refreshed"):
         run(service, os.urandom(CHUNK + 1))
+
+
+def test_a_range_beyond_the_bytes_sent_is_an_integrity_error():
+    """Bytes the service never saw must not be released (or journaled) as persisted."""
+    service = FakeService()
+    service.fail("chunk", lambda call, session: response(308, headers={"Range": f"bytes=0-{2 * CHUNK - 1}"}))
+    with pytest.raises(IntegrityError, match=f"{2 * CHUNK} bytes persisted, but only {CHUNK} were sent"):
+        run(service, os.urandom(3 * CHUNK + 1))
+    assert service.objects == {} and service.kinds()[-1] == "cancel"
+
+
+def test_a_bad_object_that_cannot_be_deleted_is_named_in_the_error():
+    service = FakeService()
+    service.honor_goog_hash = False
+    service.corrupt_on_store = True
+    service.fail("delete", 403)  # may create objects, may not delete them
+    undeleted = r"bad object gs://bkt/dir/obj.bin#\d+ could not be deleted \(403"
+    with pytest.raises(IntegrityError, match=undeleted):
+        run(service, os.urandom(CHUNK + 5))
+    assert (DEST.bucket, DEST.name) in service.objects
+
+
+def test_the_source_is_closed_when_the_upload_never_starts():
+    """A producer (--exec) must not outlive an upload whose initiate failed."""
+
+    class Source(IterableSource):
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    source = Source([b"abc"])
+    service = FakeService()
+    service.buckets = set()
+    with pytest.raises(NotFoundError):
+        run(service, source)
+    assert source.closed
+
+
+def test_a_non_blocking_pipe_is_read_to_its_end():
+    """An O_NONBLOCK stdin (inherited from a parent) with nothing ready is not the end of input."""
+    data = os.urandom(3 * CHUNK + 17)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+
+    def produce():
+        with open(write_end, "wb", buffering=0) as pipe:
+            for i in range(0, len(data), 4096):
+                pipe.write(data[i : i + 4096])
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    service = FakeService()
+    with open(read_end, "rb") as stream:
+        result, _ = run(service, StreamSource(stream, "standard input"))
+    producer.join()
+    assert stored(service) == data and result.crc32c == crc32c_b64(data)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_iterable_source_regroups_pieces_of_any_size_into_exact_reads(seed):
+    import random
+
+    rng = random.Random(seed)
+    pieces = [os.urandom(rng.choice([0, 1, 100, CHUNK - 1, CHUNK, 3 * CHUNK + 5])) for _ in range(12)]
+    pieces.append(bytearray(b"tail"))  # bytes-like, not bytes
+    source = IterableSource(pieces)
+    reads = []
+    while chunk := source.read(CHUNK):
+        assert isinstance(chunk, bytes)
+        reads.append(chunk)
+    assert b"".join(reads) == b"".join(pieces)
+    assert all(len(r) == CHUNK for r in reads[:-1])
+
+
+def test_iterable_source_hands_out_a_piece_of_exactly_one_read_without_copying():
+    piece = os.urandom(CHUNK)
+    assert IterableSource([piece]).read(CHUNK) is piece

@@ -12,8 +12,8 @@ import pytest
 from gcsstream.engine import Resume, Uploader
 from gcsstream.errors import PrefixMismatch, TransientError
 from gcsstream.options import ObjectURL, UploadOptions
-from gcsstream.sources import IterableSource
-from tests.unit.fake_service import QUANTUM, FakeService
+from gcsstream.sources import FileSource, IterableSource
+from tests.unit.fake_service import QUANTUM, FakeService, Session
 from tests.unit.test_engine import DEST, FakeClock, stored
 
 CHUNK = QUANTUM
@@ -133,3 +133,20 @@ def test_resume_of_a_bare_session_uri_without_a_recorded_prefix():
     session_uri = interrupted_upload(service, data, 1).log[0][1]
     uploader(service).upload(IterableSource([data]), ObjectURL("bkt", DEST.name), resume=Resume(session_uri))
     assert stored(service) == data
+
+
+def test_resume_of_a_file_when_the_service_holds_every_byte_but_never_finalized(tmp_path):
+    """A pipe upload of an exact multiple of the chunk size lost its closing ``bytes */N``;
+    resuming it from the saved file (a known size) must close it, not fail."""
+    data = os.urandom(2 * CHUNK)
+    service = FakeService()
+    service.sessions["held"] = Session("bkt", DEST.name, {"name": DEST.name}, data=bytearray(data))
+    session_uri = f"{service.endpoint}/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=held"
+    path = tmp_path / "saved.bin"
+    path.write_bytes(data)
+    result = uploader(service).upload(FileSource(path), DEST, resume=Resume(session_uri))
+    assert stored(service) == data and result.size == len(data)
+    (final,) = [c for c in service.calls if c.kind == "final"]
+    assert final.size == 0 and final.headers["content-range"] == f"bytes */{len(data)}"
+    crc = base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+    assert final.headers["X-Goog-Hash"] == f"crc32c={crc}"
