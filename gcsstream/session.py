@@ -25,7 +25,7 @@ import requests
 from google.resumable_media.requests import ResumableUpload
 
 from gcsstream.errors import IntegrityError
-from gcsstream.options import ObjectURL
+from gcsstream.options import CHUNK_QUANTUM, ObjectURL
 from gcsstream.window import ChunkWindow
 
 Request = tuple[str, str, bytes | None, dict[str, str]]
@@ -137,7 +137,16 @@ class ResumableSession(ResumableUpload):
             # was lost). The base cannot say ``bytes */TOTAL`` for a known size; with the size
             # unset it reads the (checked) end of input and does.
             self._total_bytes = None
-        method, url, payload, headers = self._prepare_request()
+        chunk_size = self._chunk_size
+        realign = self._window.bytes_to_boundary(position)
+        if realign and realign % CHUNK_QUANTUM == 0:
+            # A short Range left us inside a buffer: a shorter (still valid) chunk up to its end
+            # puts the following chunks back on buffer boundaries, where they cost no copy.
+            self._chunk_size = realign
+        try:
+            method, url, payload, headers = self._prepare_request()
+        finally:
+            self._chunk_size = chunk_size
         self._sent_end = max(self._sent_end, position + len(payload))
         if is_final_range(headers["content-range"]):
             goog_hash = self._window.checksums.goog_hash_header(

@@ -146,6 +146,18 @@ class ChunkWindow:
             self._position = offset
             return offset
 
+    def bytes_to_boundary(self, offset: int) -> int:
+        """Bytes from ``offset`` to the end of the read buffer it falls inside; 0 at a boundary.
+
+        After a short Range the sender can send just these bytes once, so that its later chunks
+        line up with the buffers again and go out without being joined (copied).
+        """
+        with self._cond:
+            for start, data, _ in self._buffers:
+                if start < offset < start + len(data):
+                    return start + len(data) - offset
+            return 0
+
     def release(self, offset: int) -> None:
         """The service holds every byte below ``offset``: drop them and let the reader go on."""
         with self._cond:

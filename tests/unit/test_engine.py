@@ -120,6 +120,17 @@ def test_partial_persistence_mid_chunk_with_unaligned_offset():
     assert stored(service) == data
 
 
+def test_after_a_short_range_one_shorter_chunk_realigns_the_rest():
+    """Chunks that line up with what was read go out as read; only the realigning one is joined."""
+    data = os.urandom(13 * CHUNK + 7)
+    service = FakeService()
+    service.fail("chunk", ("keep", CHUNK))  # 1 of the first 4 chunks' worth persisted
+    run(service, data, chunk_size=4 * CHUNK)
+    assert stored(service) == data
+    sizes = [c.size for c in service.calls if c.kind in ("chunk", "final")]
+    assert sizes == [4 * CHUNK, 3 * CHUNK, 4 * CHUNK, 4 * CHUNK, CHUNK + 7]
+
+
 def test_final_chunk_partly_persisted_is_resent():
     data = os.urandom(CHUNK + 999)
     service = FakeService()
