@@ -113,20 +113,27 @@ class Checksum(str, enum.Enum):
 
 # Options shared by the commands that talk to the service.
 ChunkSizeOpt = Annotated[
-    str, typer.Option(help="Bytes per request: a multiple of 256KiB, e.g. 8MiB, 16MiB, 1GiB.")
+    str, typer.Option(metavar="SIZE", help="Bytes per request: a multiple of 256KiB, e.g. 8MiB, 16MiB, 1GiB.")
 ]
 RetryDeadlineOpt = Annotated[
-    float, typer.Option(help="Seconds to keep retrying a failing request before giving up (exit 75).")
+    float,
+    typer.Option(
+        metavar="SECONDS", help="Seconds to keep retrying a failing request before giving up (exit 75)."
+    ),
 ]
 EndpointOpt = Annotated[
     str | None,
-    typer.Option(help="Storage endpoint URL. Default: $STORAGE_EMULATOR_HOST, else the real service."),
+    typer.Option(
+        metavar="URL", help="Storage endpoint URL. Default: $STORAGE_EMULATOR_HOST, else the real service."
+    ),
 ]
 ProjectOpt = Annotated[
-    str | None, typer.Option(help="Project to bill (userProject), for requester-pays buckets.")
+    str | None,
+    typer.Option(metavar="PROJECT", help="Project to bill (userProject), for requester-pays buckets."),
 ]
 CredentialsOpt = Annotated[
-    str | None, typer.Option(help="Service-account JSON key. Default: Application Default Credentials.")
+    str | None,
+    typer.Option(metavar="FILE", help="Service-account JSON key. Default: Application Default Credentials."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
@@ -141,13 +148,16 @@ ProgressOpt = Annotated[
     ),
 ]
 ProgressIntervalOpt = Annotated[
-    float, typer.Option(help="Seconds between plain status lines when stderr is not a terminal.")
+    float,
+    typer.Option(metavar="SECONDS", help="Seconds between plain status lines when stderr is not a terminal."),
 ]
 RetryInitialDelayOpt = Annotated[float, typer.Option(hidden=True)]
 IoTimeoutOpt = Annotated[float, typer.Option(hidden=True)]
 LimitRateOpt = Annotated[
     str | None,
-    typer.Option(help="Cap the upload at this many bytes a second, averaged over a second: 20M, 500K."),
+    typer.Option(
+        metavar="RATE", help="Cap the upload at this many bytes a second, averaged over a second: 20M, 500K."
+    ),
 ]
 
 
@@ -169,47 +179,65 @@ def _root(
 @app.command(epilog=PUT_EXAMPLES + "\n" + EXIT_CODES)
 def put(
     src: Annotated[
-        str, typer.Argument(help="A file to upload, or - for standard input (omit it with --exec).")
+        str,
+        typer.Argument(
+            metavar="SRC", help="A file to upload, or - for standard input (omit it with --exec)."
+        ),
     ],
     dest: Annotated[
         str | None,
-        typer.Argument(help="gs://BUCKET/OBJECT (a name ending in / takes the file's name)."),
+        typer.Argument(
+            metavar="gs://BUCKET/OBJECT",
+            help="gs://BUCKET/OBJECT (a name ending in / takes the file's name).",
+        ),
     ] = None,
     exec_command: Annotated[
         str | None,
         typer.Option(
-            "--exec", help="Run this shell command and upload its output; finalize only if it exits 0."
+            "--exec",
+            metavar="CMD",
+            help="Run this shell command and upload its output; finalize only if it exits 0.",
         ),
     ] = None,
     size: Annotated[
-        str | None, typer.Option(help="Finalize only if exactly this many bytes arrive (e.g. 10GiB).")
+        str | None,
+        typer.Option(metavar="SIZE", help="Finalize only if exactly this many bytes arrive (e.g. 10GiB)."),
     ] = None,
     chunk_size: ChunkSizeOpt = "16MiB",
     checksum: Annotated[
         Checksum, typer.Option(help="Checksums computed, sent with the final request and verified.")
     ] = Checksum.crc32c,
     content_type: Annotated[
-        str | None, typer.Option(help="Default: guessed from the object name, else application/octet-stream.")
+        str | None,
+        typer.Option(
+            metavar="TYPE", help="Default: guessed from the object name, else application/octet-stream."
+        ),
     ] = None,
-    cache_control: Annotated[str | None, typer.Option(help="Cache-Control of the object.")] = None,
+    cache_control: Annotated[
+        str | None, typer.Option(metavar="VALUE", help="Cache-Control of the object.")
+    ] = None,
     content_encoding: Annotated[
-        str | None, typer.Option(help="Content-Encoding of the object (never set implicitly).")
+        str | None,
+        typer.Option(metavar="VALUE", help="Content-Encoding of the object (never set implicitly)."),
     ] = None,
     content_disposition: Annotated[
-        str | None, typer.Option(help="Content-Disposition of the object.")
+        str | None, typer.Option(metavar="VALUE", help="Content-Disposition of the object.")
     ] = None,
     metadata: Annotated[
-        list[str] | None, typer.Option("--metadata", "-m", help="Custom metadata KEY=VALUE (repeatable).")
+        list[str] | None,
+        typer.Option("--metadata", "-m", metavar="KEY=VALUE", help="Custom metadata KEY=VALUE (repeatable)."),
     ] = None,
     storage_class: Annotated[
-        str | None, typer.Option(help="STANDARD, NEARLINE, COLDLINE or ARCHIVE.")
+        str | None, typer.Option(metavar="CLASS", help="STANDARD, NEARLINE, COLDLINE or ARCHIVE.")
     ] = None,
     kms_key: Annotated[
-        str | None, typer.Option(help="Cloud KMS key name to encrypt the object with.")
+        str | None, typer.Option(metavar="KEY", help="Cloud KMS key name to encrypt the object with.")
     ] = None,
     if_generation_match: Annotated[
         int | None,
-        typer.Option(help="Only replace the object if its generation is N (0: it must not exist)."),
+        typer.Option(
+            metavar="N", help="Only replace the object if its generation is N (0: it must not exist)."
+        ),
     ] = None,
     no_clobber: Annotated[
         bool, typer.Option("--no-clobber", help="Fail (exit 6) if the object exists.")
@@ -332,12 +360,21 @@ def put(
 
 @app.command(epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
 def resume(
-    upload: Annotated[str, typer.Argument(help="The id printed when the upload stopped, or a session URI.")],
+    upload: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID|SESSION_URI", help="The id printed when the upload stopped, or a session URI."
+        ),
+    ],
     src: Annotated[
         str | None,
-        typer.Argument(help="The same input again: - for a stream; default: the journal's file."),
+        typer.Argument(
+            metavar="SRC", help="The same input again: - for a stream; default: the journal's file."
+        ),
     ] = None,
-    chunk_size: Annotated[str | None, typer.Option(help="Bytes per request (default: as before).")] = None,
+    chunk_size: Annotated[
+        str | None, typer.Option(metavar="SIZE", help="Bytes per request (default: as before).")
+    ] = None,
     limit_rate: LimitRateOpt = None,
     retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
     endpoint: EndpointOpt = None,
@@ -421,10 +458,15 @@ def resume(
 
 @app.command(epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
 def cat(
-    url: Annotated[str, typer.Argument(help="gs://BUCKET/OBJECT to write to standard output.")],
+    url: Annotated[
+        str,
+        typer.Argument(metavar="gs://BUCKET/OBJECT", help="gs://BUCKET/OBJECT to write to standard output."),
+    ],
     byte_range: Annotated[
         str | None,
-        typer.Option("--range", help="Only bytes START-END (inclusive), START-, or -N (the last N)."),
+        typer.Option(
+            "--range", metavar="RANGE", help="Only bytes START-END (inclusive), START-, or -N (the last N)."
+        ),
     ] = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Write a gzip-encoded object as stored, not decompressed.")
@@ -515,7 +557,12 @@ def sessions(
 
 @app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def status(
-    upload: Annotated[str, typer.Argument(help="An upload id (see `gcsstream sessions`) or a session URI.")],
+    upload: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID|SESSION_URI", help="An upload id (see `gcsstream sessions`) or a session URI."
+        ),
+    ],
     credentials: CredentialsOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -548,7 +595,12 @@ def status(
 
 @app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def abort(
-    upload: Annotated[str, typer.Argument(help="An upload id (see `gcsstream sessions`) or a session URI.")],
+    upload: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID|SESSION_URI", help="An upload id (see `gcsstream sessions`) or a session URI."
+        ),
+    ],
     credentials: CredentialsOpt = None,
 ) -> None:
     """Cancel an unfinished upload on the service and forget its journal."""
