@@ -116,7 +116,9 @@ class Downloader:
             headers = {"Accept-Encoding": "gzip", "Range": f"bytes={offset}-{last}"}
             try:
                 response = self._get(url, headers, stream=True)
-                for piece in response.raw.stream(PIECE, decode_content=False):
+                # read1, not stream(): stream() waits to fill each piece, so a broken connection
+                # would lose the bytes of the piece in progress and resume earlier than it reached.
+                while piece := response.raw.read1(PIECE, decode_content=False):
                     crc = google_crc32c.extend(crc, piece)
                     if md5 is not None:
                         md5.update(piece)

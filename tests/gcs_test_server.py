@@ -220,6 +220,9 @@ class Fault:
       reading the body, then closes the connection (the client usually sees a reset).
     * ``offset``: ``corrupt_download``: position in the response body of the flipped byte
       (default: the middle).
+    * ``flush``: ``reset``: before dropping the connection, wait (up to 5 s) until the peer has
+      acknowledged every response byte written, so that a download's client receives exactly
+      ``after_bytes`` (by default the RST also discards what the kernel had not yet sent).
     """
 
     kind: str
@@ -235,6 +238,7 @@ class Fault:
     rate: int | None = None
     read_body: bool = True
     offset: int | None = None
+    flush: bool = False
     seen: int = field(default=0, init=False, compare=False)
     fired: int = field(default=0, init=False, compare=False)
 
@@ -423,6 +427,9 @@ class RequestRecord:
     started: float = 0.0
     finished: float | None = None
     done: bool = False
+    range_header: str | None = None  # the request's ``Range`` header as sent (downloads)
+    range_start: int | None = None  # download: first object byte served (0 without a Range)
+    bytes_sent: int | None = None  # download: response body bytes handed to the socket
 
 
 @dataclass(frozen=True)
@@ -810,7 +817,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         self.body = _Body(self.rfile, clen, chunked)
         self.rec = self.gcs._new_record(
-            self.command, _redact_path(self.path), self.headers.get("Content-Range"), clen
+            self.command,
+            _redact_path(self.path),
+            self.headers.get("Content-Range"),
+            clen,
+            range_header=self.headers.get("Range"),
         )
         try:
             self._route()
@@ -871,6 +882,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 file=sys.stderr,
                 flush=True,
             )
+        if self.fault is not None and self.fault.flush:
+            self._wait_acknowledged()
         try:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
@@ -880,6 +893,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 closable.close()
             except OSError:
                 pass
+
+    def _wait_acknowledged(self, timeout: float = 5.0) -> None:
+        """Wait until the peer has acknowledged every byte written (Linux: SIOCOUTQ is 0)."""
+        try:
+            import fcntl
+            import termios
+        except ImportError:  # pragma: no cover - not Linux: reset at once
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                raw = fcntl.ioctl(self.connection.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            except (OSError, ValueError):
+                return
+            if struct.unpack("i", raw)[0] <= 0 or self.gcs._stop.wait(0.002):
+                return
 
     def _send(
         self,
@@ -1188,6 +1217,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 start, end = parsed
                 status = 206
             count = max(0, end - start + 1)
+            self.rec.range_start = start
+            self.rec.bytes_sent = 0
             hashes = [f"crc32c={res['crc32c']}"]
             if "md5Hash" in res:
                 hashes.append(f"md5={res['md5Hash']}")
@@ -1223,7 +1254,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 corrupt = fault.offset if fault.offset is not None else count // 2
                 corrupt = min(max(corrupt, 0), count - 1)
             if fault is None or fault.kind not in ("reset", "stall", "trickle", "corrupt_download"):
-                self.connection.sendfile(f, offset=start, count=count)
+                self.rec.bytes_sent = self.connection.sendfile(f, offset=start, count=count)
                 return
             mv = _thread_buffer()
             sent = 0
@@ -1237,6 +1268,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     mv[corrupt - sent] ^= 0xFF
                 self.wfile.write(mv[:n])
                 sent += n
+                self.rec.bytes_sent = sent
                 pacer.advance(n)
             pacer.finish()
 
@@ -2144,7 +2176,12 @@ class GcsTestServer:
             self._log_cond.notify_all()
 
     def _new_record(
-        self, method: str, path: str, content_range: str | None, clen: int | None
+        self,
+        method: str,
+        path: str,
+        content_range: str | None,
+        clen: int | None,
+        range_header: str | None = None,
     ) -> RequestRecord:
         with self._log_cond:
             self._seq += 1
@@ -2156,6 +2193,7 @@ class GcsTestServer:
                 content_range=content_range,
                 content_length=clen,
                 started=time.monotonic(),
+                range_header=range_header,
             )
             self._log.append(rec)
             self._log_cond.notify_all()

@@ -39,9 +39,22 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    line = proc.stdout.readline()
-    assert line.startswith("READY "), line
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY "), line
+    except BaseException:
+        stop_server(proc)
+        raise
     return proc, line.split()[1]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def one_run(src: Path, url: str, progress: bool, state: Path) -> tuple[float, float]:
@@ -72,15 +85,16 @@ def main() -> int:
             block = os.urandom(1 << 24)
             for i in range(parse_size(args.size) >> 24):
                 f.write(i.to_bytes(8, "big") + block[8:])
-        server, url = start_server(work / "data")
+        server = None
         try:
+            server, url = start_server(work / "data")
             results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
             for _ in range(args.runs):
                 for progress in (True, False):
                     results[progress].append(one_run(src, url, progress, work / "state"))
         finally:
-            server.terminate()
-            server.wait()
+            if server is not None:
+                stop_server(server)
     for progress in (True, False):
         walls = [w for w, _ in results[progress]]
         cpus = [c for _, c in results[progress]]

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pexpect
 import pyte
 import pytest
 
+from tests.conftest import assert_stored, crc32c_b64
 from tests.gcs_test_server import QUANTUM, Fault, GcsTestServer
 
 BUCKET = "cli-bucket"
 ESC = "\x1b"
+COLOUR = re.compile(r"\x1b\[[0-9;]*3[0-9](;[0-9]+)*m")  # SGR with a foreground colour
 
 
 @pytest.fixture
@@ -27,8 +29,9 @@ def server(tmp_path):
 
 @pytest.fixture
 def env(server, gcsstream_exe, state_dir):
+    inherited = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS")}
     return {
-        **os.environ,
+        **inherited,
         "STORAGE_EMULATOR_HOST": server.url,
         "GCSSTREAM_STATE_DIR": str(state_dir),
         "PATH": f"{Path(gcsstream_exe).parent}:{os.environ['PATH']}",
@@ -56,8 +59,10 @@ def plain(raw: str) -> str:
 def run_in_terminal(command: str, env: dict[str, str], columns: int = 120) -> tuple[int, str, pyte.Screen]:
     """Run in a real pseudo-terminal; return the exit status, the raw output and the final screen."""
     child = pexpect.spawn("bash", ["-c", command], env=env, dimensions=(24, columns), encoding="utf-8")
-    child.expect(pexpect.EOF, timeout=120)
-    child.close()
+    try:
+        child.expect(pexpect.EOF, timeout=120)
+    finally:
+        child.close(force=True)  # on a timeout: hang up the terminal, then SIGKILL what is left
     screen = pyte.Screen(columns, 24)
     stream = pyte.Stream(screen)
     stream.feed(child.before.replace("\n", "\r\n") if "\r\n" not in child.before else child.before)
@@ -77,6 +82,7 @@ def test_terminal_shows_a_live_bar_and_is_left_clean(server, env, src):
     lines = [line.rstrip() for line in screen.display if line.strip()]
     assert len(lines) in (1, 2) and lines[0].startswith("gcsstream: uploaded gs://cli-bucket/tty"), lines
     assert not screen.cursor.hidden
+    assert_stored(server, BUCKET, "tty", src.read_bytes())
 
 
 def test_known_size_shows_percent_and_eta(server, env, src):
@@ -84,15 +90,25 @@ def test_known_size_shows_percent_and_eta(server, env, src):
     code, raw, _ = run_in_terminal(f"gcsstream put --chunk-size 256KiB {src} gs://{BUCKET}/pct", env)
     assert code == 0, raw
     assert re.search(r"\d+%", plain(raw)) and "ETA" in raw
+    assert_stored(server, BUCKET, "pct", src.read_bytes())
 
 
 def test_no_color_is_honoured(server, env, src):
+    # Positive control: the same run in the same terminal without NO_COLOR is coloured, so the
+    # absence of colour codes below is NO_COLOR's doing (not a terminal rich thinks colourless).
+    slow(server)
+    code, raw, _ = run_in_terminal(f"gcsstream put --chunk-size 256KiB {src} gs://{BUCKET}/col", env)
+    assert code == 0, raw
+    assert COLOUR.search(raw), "no colour codes without NO_COLOR: the check below would prove nothing"
+    assert_stored(server, BUCKET, "col", src.read_bytes())
     slow(server)
     code, raw, _ = run_in_terminal(
         f"gcsstream put --chunk-size 256KiB {src} gs://{BUCKET}/nc", {**env, "NO_COLOR": "1"}
     )
     assert code == 0, raw
-    assert not re.search(r"\x1b\[[0-9;]*3[0-9](;[0-9]+)*m", raw), "colour codes despite NO_COLOR"
+    assert "━" in raw, "no live bar under NO_COLOR: the absence of colour would prove nothing"
+    assert not COLOUR.search(raw), "colour codes despite NO_COLOR"
+    assert_stored(server, BUCKET, "nc", src.read_bytes())
 
 
 def test_log_file_gets_plain_lines_only(server, env, src, tmp_path):
@@ -117,6 +133,7 @@ def test_log_file_gets_plain_lines_only(server, env, src, tmp_path):
     )
     assert len(lines) >= 3 and all(status.match(line) for line in lines[:-1]), lines
     assert lines[-1].startswith("gcsstream: uploaded gs://cli-bucket/log")
+    assert_stored(server, BUCKET, "log", src.read_bytes())
 
 
 def test_quiet_and_no_progress(server, env, src):
@@ -125,34 +142,40 @@ def test_quiet_and_no_progress(server, env, src):
         ["gcsstream", "put", "-q", str(src), f"gs://{BUCKET}/q"], env=env, capture_output=True
     )
     assert quiet.returncode == 0 and quiet.stderr == b""
+    assert_stored(server, BUCKET, "q", src.read_bytes())
     code, raw, _ = run_in_terminal(f"gcsstream put --no-progress {src} gs://{BUCKET}/np", env)
     assert code == 0 and "━" not in raw and "gcsstream: uploaded" in raw
+    assert_stored(server, BUCKET, "np", src.read_bytes())
 
 
 def test_limit_rate_holds_against_the_wall_clock(server, env, tmp_path):
-    size, rate = 6 << 20, 2 << 20  # 6 MiB at 2 MiB/s, after a one-second burst: at least 2 s
+    size, rate, chunk = 6 << 20, 2 << 20, 1 << 20  # "--limit-rate 2M" is 2 MiB/s
     path = tmp_path / "six"
     path.write_bytes(os.urandom(size))
-    started = time.monotonic()
     r = subprocess.run(
-        [
-            "gcsstream",
-            "put",
-            "-q",
-            "--chunk-size",
-            "1MiB",
-            "--limit-rate",
-            "2M",
-            str(path),
-            f"gs://{BUCKET}/rate",
-        ],
+        ["gcsstream", "put", "-q", "--chunk-size", "1MiB", "--limit-rate", "2M", str(path)]
+        + [f"gs://{BUCKET}/rate"],
         env=env,
         capture_output=True,
     )
-    elapsed = time.monotonic() - started
     assert r.returncode == 0, r.stderr
+    assert_stored(server, BUCKET, "rate", path.read_bytes())
+    puts = [q for q in server.requests if q.kind in ("chunk", "final") and q.name == "rate"]
+    assert sum(q.bytes_received for q in puts) >= size
+    # Measured by the server, from the first chunk request's arrival to the last one's answer:
+    # interpreter start-up and the session's initiation are left out. The bucket holds one
+    # second's worth, so the upload cannot take less than (size - rate) / rate = 2 s. The upper
+    # bound leaves 1.6 s (80%) for a loaded 2-core machine: the limiter's sleeps make up their own
+    # overshoot, and moving 6 MiB over loopback takes milliseconds. A limiter off by 2x fails:
+    # at half the rate (and half the burst) it takes 2 * 2 + 1 = 5 s, at twice the rate 0.5 s.
+    # (Measured here: 2.00-2.02 s, also beside four busy-looping processes; 5.0 s at 1M, 0.5 s at 4M.)
+    elapsed = max(q.finished for q in puts) - min(q.started for q in puts)
     minimum = (size - rate) / rate
-    assert minimum * 0.95 <= elapsed < minimum * 5 + 10, f"{elapsed:.2f} s for {size} bytes at {rate} B/s"
+    assert minimum * 0.85 <= elapsed <= minimum * 1.3 + 1.0, f"{elapsed:.2f} s for {size} bytes at {rate} B/s"
+    # The pacing is within each request body, not only between requests: once the burst is spent,
+    # a 1 MiB chunk takes chunk / rate = 0.5 s to arrive.
+    longest = max(q.finished - q.started for q in puts)
+    assert longest >= 0.8 * chunk / rate, f"the longest chunk request took {longest:.2f} s"
 
 
 def test_put_then_cat_round_trip_through_pipes(server, env, src):
@@ -170,6 +193,7 @@ def test_put_then_cat_round_trip_through_pipes(server, env, src):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0].decode() == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert_stored(server, BUCKET, "rt", src.read_bytes())
 
 
 def test_gzip_round_trip(server, env, tmp_path):
@@ -191,25 +215,49 @@ def test_gzip_round_trip(server, env, tmp_path):
     assert (tmp_path / "back").read_bytes() == data
     resource = server.object_resource(BUCKET, "log.txt")
     assert resource["contentEncoding"] == "gzip" and int(resource["size"]) < len(data) // 10
+    stored = server.read_object(BUCKET, "log.txt")  # the compressed bytes, and their checksum
+    assert int(resource["size"]) == len(stored) and resource["crc32c"] == crc32c_b64(stored)
+    assert hashlib.sha256(gzip.decompress(stored)).hexdigest() == hashlib.sha256(data).hexdigest()
     assert b"of the gzip-compressed bytes stored" in r.stderr
 
 
-def test_cat_resumes_a_broken_download(server, env, src):
-    assert subprocess.run(["gcsstream", "put", "-q", str(src), f"gs://{BUCKET}/b"], env=env).returncode == 0
-    server.faults.add(Fault("reset", on="download", after_bytes=3 * QUANTUM + 5))
+def put_source(server, env, src, name: str) -> None:
+    """Upload ``src`` with the command and read it back."""
+    r = subprocess.run(["gcsstream", "put", "-q", str(src), f"gs://{BUCKET}/{name}"], env=env)
+    assert r.returncode == 0
+    assert_stored(server, BUCKET, name, src.read_bytes())
+
+
+def broken_download(server, env, src, name: str, broken_at: int) -> tuple[int, int]:
+    """``gcsstream cat`` through one connection reset at ``broken_at`` bytes into the response,
+    flushed so that the client receives exactly those bytes. Returns the two GETs' first bytes."""
+    server.faults.add(Fault("reset", on="download", after_bytes=broken_at, flush=True))
+    server.clear_requests()
     r = subprocess.run(
-        ["bash", "-c", f"gcsstream cat --retry-initial-delay 0.05 gs://{BUCKET}/b | sha256sum"],
+        ["bash", "-c", f"gcsstream cat --retry-initial-delay 0.05 gs://{BUCKET}/{name} | sha256sum"],
         env=env,
         capture_output=True,
     )
     assert r.returncode == 0 and b"(verified)" in r.stderr, r.stderr
     assert r.stdout.split()[0].decode() == hashlib.sha256(src.read_bytes()).hexdigest()
-    ranges = [r.path for r in server.requests if r.kind == "download"]
-    assert len(ranges) == 2
+    gets = [q for q in server.requests if q.kind == "download"]
+    assert len(gets) == 2, [(q.range_header, q.status) for q in gets]
+    first, second = gets
+    last = src.stat().st_size - 1
+    assert first.range_start == 0 and first.bytes_sent == broken_at and first.status is None
+    assert second.status == 206 and second.range_header == f"bytes={second.range_start}-{last}"
+    return first.range_start, second.range_start
+
+
+@pytest.mark.parametrize("broken_at", [3 * QUANTUM + 5, 16 * QUANTUM + 5], ids=["in-first-MiB", "at-4MiB+5"])
+def test_cat_resumes_a_broken_download(server, env, src, broken_at):
+    put_source(server, env, src, "b")
+    _, resumed = broken_download(server, env, src, "b", broken_at)
+    assert resumed == broken_at, f"the second GET starts at byte {resumed}, the first broke at {broken_at}"
 
 
 def test_cat_detects_corruption_with_exit_3(server, env, src):
-    assert subprocess.run(["gcsstream", "put", "-q", str(src), f"gs://{BUCKET}/c"], env=env).returncode == 0
+    put_source(server, env, src, "c")
     server.faults.add(Fault("corrupt_download", on="download"))
     r = subprocess.run(
         ["bash", "-c", f"gcsstream cat gs://{BUCKET}/c > /dev/null"], env=env, capture_output=True
@@ -223,7 +271,7 @@ def test_cat_detects_corruption_with_exit_3(server, env, src):
 
 
 def test_cat_range(server, env, src):
-    assert subprocess.run(["gcsstream", "put", "-q", str(src), f"gs://{BUCKET}/r"], env=env).returncode == 0
+    put_source(server, env, src, "r")
     r = subprocess.run(
         ["gcsstream", "cat", "--range", "100-199", f"gs://{BUCKET}/r"], env=env, capture_output=True
     )

@@ -47,8 +47,10 @@ def test_tar_pipeline_round_trip(emulator, env, object_name, tmp_path):
     (site / "sub").mkdir(parents=True)
     for i in range(20):
         (site / "sub" / f"f{i}.bin").write_bytes(os.urandom(50_000 * i))
-    r = sh(f"tar -C {tmp_path} -c site | gcsstream put - 'gs://{BUCKET}/{object_name}'", env)
+    sent = tmp_path / "sent.tar"
+    r = sh(f"tar -C {tmp_path} -c site | tee {sent} | gcsstream put - 'gs://{BUCKET}/{object_name}'", env)
     assert r.returncode == 0, r.stderr
+    assert_stored(emulator, BUCKET, object_name, sent.read_bytes())  # the stream's sha256 and crc32c
     out = tmp_path / "out"
     out.mkdir()
     stored = emulator.read_object(BUCKET, object_name)
@@ -130,5 +132,7 @@ def test_size_finalizes_only_on_exact_length(emulator, env, object_name, sent, d
     r = sh(f"head -c {sent} /dev/zero | gcsstream put --size {declared} - 'gs://{BUCKET}/{object_name}'", env)
     assert (r.returncode == 0) == ok, r.stderr
     assert emulator.has_object(BUCKET, object_name) == ok
-    if not ok:
+    if ok:
+        assert_stored(emulator, BUCKET, object_name, bytes(sent))
+    else:
         assert r.returncode == 1 and b"no object was created" in r.stderr
