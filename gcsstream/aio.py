@@ -1,9 +1,9 @@
 """asyncio front on the same engine: stream an async iterable (FastAPI's ``request.stream()``)
 into an object without holding it in memory and without blocking the event loop.
 
-The engine runs on a thread of its own. ``write`` only appends to a bounded buffer; when the
-upload is a chunk behind, it awaits until the engine frees space (backpressure), so a fast
-producer waits and memory stays near three chunks.
+The engine runs on a thread of its own. ``write`` only appends to a small bounded buffer; when
+the upload is two chunks behind, it awaits until the engine frees space (backpressure), so a
+fast producer waits and memory stays near two chunks.
 
     async with gcsstream.aio.open_upload("gs://b/o") as up:
         async for piece in request.stream():
@@ -42,7 +42,7 @@ class AsyncObjectWriter:
         return self._writer.result
 
     async def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Hand ``data`` to the upload; waits (without blocking the loop) while it is a chunk behind."""
+        """Hand ``data`` to the upload; waits (without blocking the loop) while it is two chunks behind."""
         piece = data if type(data) is bytes else bytes(data)
         source = self._writer._source
         while not source.offer(piece):

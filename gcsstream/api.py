@@ -3,7 +3,7 @@
 Both run the one engine (``Uploader``) that the command line runs, with the command line's
 options as keyword arguments. A writer feeds the engine through a bounded ``WriterSource``; the
 engine runs on a thread of its own, so ``write`` only hands bytes over (and waits when the
-upload is a chunk behind: that is the backpressure that bounds memory).
+upload is two chunks behind: that is the backpressure that bounds memory).
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ from gcsstream.options import (
     parse_gs_url,
     parse_size,
 )
-from gcsstream.sources import ChunkSource, FileSource, IterableSource, StreamSource, WriterSource
+from gcsstream.sources import (
+    WRITER_BUDGET,
+    ChunkSource,
+    FileSource,
+    IterableSource,
+    StreamSource,
+    WriterSource,
+)
 from gcsstream.transport import Transport, resolve_endpoint
 
 Credentials = str | os.PathLike[str] | auth_credentials.Credentials
@@ -98,7 +105,7 @@ class ObjectWriter(io.BufferedIOBase):
     def __init__(self, plan: _Plan) -> None:
         super().__init__()
         self._plan = plan
-        self._source = WriterSource(plan.options.chunk_size)
+        self._source = WriterSource(min(plan.options.chunk_size, WRITER_BUDGET))
         self._outcome: UploadResult | BaseException | None = None
         self._session_uri: str | None = None
         self._thread = threading.Thread(target=self._run, name="gcsstream-upload", daemon=True)
@@ -203,7 +210,7 @@ def open_upload(
     Args:
         url: the destination, ``gs://BUCKET/OBJECT``.
         chunk_size: bytes per request, a multiple of 256 KiB (int or ``"16MiB"``); memory use is
-            about three chunks.
+            about two chunks.
         checksum: ``"crc32c"`` (default), ``"md5"``, ``"both"`` or ``"none"``: computed while
             writing, sent with the final request (the service refuses a mismatch) and verified.
         content_type: default guessed from the object name, else application/octet-stream.

@@ -182,6 +182,11 @@ def _remaining_size(stream: BinaryIO) -> int | None:
         return None
 
 
+#: What a writer may hand over beyond the chunk being assembled: enough to keep the reader busy,
+#: small beside a chunk, so that a writer-fed upload holds about two chunks, like a piped one.
+WRITER_BUDGET = 1 << 20
+
+
 class WriterSource:
     """Bytes pushed by a writer (``open_upload``, ``aio``), pulled by the chunk window.
 
@@ -266,6 +271,13 @@ class WriterSource:
                     raise SourceError(f"{self.description} failed: {self._failure!r}")
                 if not self._pieces:  # ended
                     break
+                if need == n and not self._ended:
+                    # More is coming: size the buffer for the whole read at once. Growing it
+                    # piece by piece reallocates (and copies) it dozens of times, and the freed
+                    # blocks inflate the process's peak memory by most of a chunk.
+                    chunk.seek(n - 1)
+                    chunk.write(b"\0")
+                    chunk.seek(0)
                 while self._pieces and need:
                     piece = self._pieces[0]
                     if len(piece) <= need:
@@ -279,6 +291,8 @@ class WriterSource:
                 self._cond.notify_all()
             if self.on_space is not None:
                 self.on_space()
+        if need:
+            chunk.truncate(n - need)  # the input ended short of a whole read
         return chunk.getvalue()
 
     def finish(self) -> None:

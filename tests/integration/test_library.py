@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
+import itertools
 import os
 import shutil
 import tarfile
 import threading
+import time
 
 import pytest
 
 import gcsstream
 from gcsstream.events import ChunkPersisted, UploadFinished
-from tests.conftest import crc32c_b64
+from tests.conftest import assert_stored, crc32c_b64
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 
 BUCKET = "lib"
@@ -41,19 +44,30 @@ def test_copyfileobj_into_open_upload(server, opts):
     with gcsstream.open_upload(f"gs://{BUCKET}/copy", **opts) as up:
         shutil.copyfileobj(io.BytesIO(data), up, length=100_000)
         assert up.session_uri and "upload_id=" in up.session_uri
-    assert stored(server, "copy") == data
-    assert up.result.size == len(data) and up.result.crc32c == crc32c_b64(data)
+    resource = assert_stored(server, BUCKET, "copy", data)
+    assert up.result.size == len(data) and up.result.crc32c == resource["crc32c"] == crc32c_b64(data)
+
+
+class Tee:
+    """A write-only file that copies every write into ``up`` and keeps the bytes written."""
+
+    def __init__(self, up) -> None:
+        self.up, self.written = up, io.BytesIO()
+
+    def write(self, data) -> int:
+        self.written.write(data)
+        return self.up.write(data)
 
 
 def test_tarfile_stream_mode(server, opts, tmp_path):
     for i in range(5):
         (tmp_path / f"f{i}").write_bytes(os.urandom(70_000 * i))
-    with (
-        gcsstream.open_upload(f"gs://{BUCKET}/site.tar", **opts) as up,
-        tarfile.open(fileobj=up, mode="w|") as tar,
-    ):
-        for i in range(5):
-            tar.add(tmp_path / f"f{i}", arcname=f"f{i}")
+    with gcsstream.open_upload(f"gs://{BUCKET}/site.tar", **opts) as up:
+        tee = Tee(up)
+        with tarfile.open(fileobj=tee, mode="w|") as tar:
+            for i in range(5):
+                tar.add(tmp_path / f"f{i}", arcname=f"f{i}")
+    assert up.result.crc32c == assert_stored(server, BUCKET, "site.tar", tee.written.getvalue())["crc32c"]
     with tarfile.open(fileobj=io.BytesIO(stored(server, "site.tar"))) as tar:
         for i in range(5):
             assert tar.extractfile(f"f{i}").read() == (tmp_path / f"f{i}").read_bytes()
@@ -88,9 +102,10 @@ def test_upload_function_takes_any_source(server, opts, tmp_path, kind):
     }[kind]
     events = []
     result = gcsstream.upload(source, f"gs://{BUCKET}/up", progress=events.append, checksum="both", **opts)
-    assert stored(server, "up") == data
+    resource = assert_stored(server, BUCKET, "up", data)
     assert result.name == "up" and result.size == len(data) and result.generation > 0
-    assert result.md5 == server.object_resource(BUCKET, "up")["md5Hash"]
+    assert result.crc32c == resource["crc32c"] == crc32c_b64(data)
+    assert result.md5 == resource["md5Hash"] == base64.b64encode(hashlib.md5(data).digest()).decode()
     assert isinstance(events[-1], UploadFinished)
     assert [e.persisted for e in events if isinstance(e, ChunkPersisted)][-1] == len(data)
 
@@ -105,7 +120,8 @@ def test_resume_through_session_uri(server, opts):
     session_uri = up.session_uri
     server.faults = FaultPlan()
     result = gcsstream.upload(data, f"gs://{BUCKET}/res", session_uri=session_uri, **opts)
-    assert stored(server, "res") == data and result.size == len(data)
+    resource = assert_stored(server, BUCKET, "res", data)
+    assert result.size == len(data) and result.crc32c == resource["crc32c"]
     assert (
         sum(r.bytes_received for r in server.requests if r.kind in ("chunk", "final"))
         <= len(data) + 2 * CHUNK
@@ -114,16 +130,18 @@ def test_resume_through_session_uri(server, opts):
 
 def test_aio_upload_of_an_async_generator_with_backpressure(server, opts):
     data = os.urandom(12 * CHUNK + 5)
-    server.faults.add(Fault("trickle", on="chunk", nth=2, rate=4 * CHUNK, seconds=1.0))
+    # the second chunk trickles in at one chunk a second: the producer is held back meanwhile
+    server.faults.add(Fault("trickle", on="chunk", nth=2, rate=CHUNK, seconds=1.0))
 
     async def main():
-        ticks = 0
+        ticks: list[float] = []
+        ticking = asyncio.Event()
         stop = asyncio.Event()
 
         async def ticker():  # the loop keeps running while the upload waits
-            nonlocal ticks
             while not stop.is_set():
-                ticks += 1
+                ticks.append(time.monotonic())
+                ticking.set()
                 await asyncio.sleep(0.01)
 
         async def body():
@@ -131,14 +149,26 @@ def test_aio_upload_of_an_async_generator_with_backpressure(server, opts):
                 yield data[i : i + 65536]
 
         task = asyncio.create_task(ticker())
+        await ticking.wait()
+        started = time.monotonic()
         result = await gcsstream.aio.upload(body(), f"gs://{BUCKET}/aio", **opts)
+        ended = time.monotonic()
         stop.set()
         await task
-        return result, ticks
+        return result, [started, *(t for t in ticks if started < t < ended), ended]
 
-    result, ticks = asyncio.run(main())
-    assert stored(server, "aio") == data and result.crc32c == crc32c_b64(data)
-    assert ticks >= 3  # the loop kept running while the upload held the producer back
+    result, points = asyncio.run(main())
+    resource = assert_stored(server, BUCKET, "aio", data)
+    assert result.crc32c == resource["crc32c"] == crc32c_b64(data)
+    # The loop stayed free: the ticker ran every 10 ms throughout the upload, also while the
+    # trickled chunk held the producer back for about a second. Not a speed target but a
+    # blocked-loop detector: an upload that blocked the loop while a chunk was being sent would
+    # leave a gap of that second. 300 ms, not 100: with the test server's threads in this process,
+    # free-loop gaps of up to 240 ms were measured on this 2-core machine with two CPU-bound
+    # processes beside the test (20-35 ms when idle).
+    gap = max(b - a for a, b in itertools.pairwise(points))
+    assert points[-1] - points[0] > 0.5, "the trickled chunk did not hold the upload back"
+    assert gap < 0.3, f"the loop stalled for {gap * 1000:.0f} ms"
 
 
 def test_aio_open_upload_async_with_and_failing_generator(server, opts):
@@ -154,26 +184,28 @@ def test_aio_open_upload_async_with_and_failing_generator(server, opts):
 
         with pytest.raises(ConnectionResetError):
             await gcsstream.aio.upload(broken(), f"gs://{BUCKET}/broken", **opts)
+        return up.result
 
-    asyncio.run(main())
-    assert stored(server, "ok") == b"hello world"
+    result = asyncio.run(main())
+    assert result.crc32c == assert_stored(server, BUCKET, "ok", b"hello world")["crc32c"]
     assert server.object_resource(BUCKET, "broken") is None
     assert any(s.cancelled and s.name == "broken" for s in server.sessions())
 
 
 def test_writer_memory_is_bounded_by_backpressure(server, opts):
-    """A producer far faster than the upload never gets more than a chunk ahead of the window."""
+    """A producer far faster than the upload never gets further ahead of the window than the
+    writer's budget (a chunk here, at most 1 MiB)."""
     server.faults.add(Fault("trickle", on="chunk", nth=1, rate=8 * CHUNK, seconds=0.5))
     up = gcsstream.open_upload(f"gs://{BUCKET}/bp", **opts)
     source = up._source
     peak = 0
-    digest = hashlib.sha256()
+    pieces = []
     for _ in range(40):
-        piece = os.urandom(CHUNK // 4)
-        digest.update(piece)
-        up.write(piece)
+        pieces.append(os.urandom(CHUNK // 4))
+        up.write(pieces[-1])
         peak = max(peak, source._buffered)
     up.close()
     assert peak <= CHUNK + CHUNK // 4
-    assert hashlib.sha256(stored(server, "bp")).digest() == digest.digest()
+    resource = assert_stored(server, BUCKET, "bp", b"".join(pieces))
+    assert up.result.crc32c == resource["crc32c"]
     assert threading.active_count() < 20
