@@ -524,8 +524,11 @@ def sessions(
     ] = False,
     credentials: CredentialsOpt = None,
     json_output: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """List unfinished uploads: id, destination, bytes held, age, source."""
+    if debug:
+        _log_http()
     journal = Journal()
     entries = journal.entries()
     if prune:
@@ -565,8 +568,11 @@ def status(
     ],
     credentials: CredentialsOpt = None,
     json_output: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Ask the service how many bytes an upload holds, or which object it created."""
+    if debug:
+        _log_http()
     journal = Journal()
     entry, session_uri, destination, _ = _find_upload(journal, upload)
     with _transport_for(entry, session_uri, credentials) as transport:
@@ -602,8 +608,11 @@ def abort(
         ),
     ],
     credentials: CredentialsOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Cancel an unfinished upload on the service and forget its journal."""
+    if debug:
+        _log_http()
     journal = Journal()
     entry, session_uri, destination, _ = _find_upload(journal, upload)
     with _transport_for(entry, session_uri, credentials) as transport:
@@ -660,8 +669,13 @@ def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
 def _find_upload(journal: Journal, upload: str) -> tuple[JournalEntry | None, str, ObjectURL, str]:
     """The journal entry (if any), session URI, destination and checksum mode of an upload."""
     if upload.startswith(("http://", "https://")):
-        return None, upload, _destination_of(upload), "crc32c"
-    entry = journal.load(upload)
+        # A URI of one of our own uploads: use its journal (the prefix check, the destination,
+        # and forgetting it once done).
+        entry = next((e for e in journal.entries() if e.session_uri == upload), None)
+        if entry is None:
+            return None, upload, _destination_of(upload), "crc32c"
+    else:
+        entry = journal.load(upload)
     return entry, entry.session_uri, parse_gs_url(entry.destination), entry.checksum
 
 

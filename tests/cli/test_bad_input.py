@@ -1,21 +1,26 @@
 """Every bad input gets one clear line on stderr and its documented exit code, never a traceback.
 
 The cases here are the README's "Bad input" table: ``test_readme_table_matches_the_tests``
-fails when the two disagree.
+fails when the table's rows differ from the rows the tests check (``SIMPLE``, and the tests
+marked ``@covers``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
-from tests.conftest import BUCKET
-from tests.gcs_test_server import Fault, GcsTestServer
+from tests.conftest import BUCKET, assert_stored
+from tests.gcs_test_server import QUANTUM, Fault, GcsTestServer
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 LONG_NAME = "x" * 1025
@@ -49,17 +54,32 @@ SIMPLE = [
     ("missing credentials file", f"--credentials /no/key.json - gs://{BUCKET}/o", 2, "no such file"),
     ("unknown bucket", "- gs://no-such-bucket-x/o", 5, "bucket gs://no-such-bucket-x not found"),
 ]
-# Cases that need a setup of their own; each test below checks its row.
-SPECIAL = {
-    "unreadable file": (2, "Permission denied"),
-    "read error in the middle of a file": (1, "the upload was cancelled and no object was created"),
-    "stdin is a terminal": (2, "standard input is a terminal"),
-    "permission denied by the service (403)": (4, "denied (403)"),
-    "no credentials found": (4, "no Google credentials found"),
-    "broken credentials file": (4, "is not usable"),
-    "unreachable endpoint": (75, "gave up after"),
-    "unwritable state directory": (2, "is not writable"),
-}
+
+
+class Row(NamedTuple):
+    """One row of the README's table: what is wrong, the exit code, what the error line says."""
+
+    label: str
+    code: int
+    message: str
+
+
+#: The rows checked by tests with a setup of their own, filled at import by ``@covers``.
+COVERED: dict[str, Row] = {}
+
+
+def covers(label: str, code: int, message: str):
+    """Make a test the check of one README row: it is recorded in ``COVERED`` and the test gets
+    the row as its ``row`` argument (so the code and message it asserts are the row's)."""
+    row = Row(label, code, message)
+
+    def register(test):
+        assert test.__name__.startswith("test_"), f"{test.__name__} would not be collected"
+        assert label not in COVERED, f"two tests cover {label!r}"
+        COVERED[label] = row
+        return pytest.mark.parametrize("row", [row], ids=[label])(test)
+
+    return register
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +97,10 @@ def env(server, gcsstream_exe):
     }
 
 
-def put(args: str, env: dict[str, str], stdin: str = "echo data |", **kwargs) -> tuple[int, str]:
+def put(args: str, env: dict[str, str], stdin: str = "echo data |", runner: str = "") -> tuple[int, str]:
+    """``STDIN gcsstream put ARGS`` in bash (``runner`` goes before ``gcsstream``): (exit code, stderr)."""
     proc = subprocess.run(
-        ["bash", "-c", f"{stdin} gcsstream put {args}"], env=env, capture_output=True, timeout=60, **kwargs
+        ["bash", "-c", f"{stdin} {runner} gcsstream put {args}"], env=env, capture_output=True, timeout=60
     )
     return proc.returncode, proc.stderr.decode()
 
@@ -91,36 +112,92 @@ def assert_one_line(code: int, err: str, expected_code: int, message: str) -> No
     assert "Traceback" not in err
 
 
+def assert_row(code: int, err: str, row: Row) -> None:
+    assert_one_line(code, err, row.code, row.message)
+
+
 @pytest.mark.parametrize(("label", "args", "code", "message"), SIMPLE, ids=[c[0] for c in SIMPLE])
 def test_bad_input(env, label, args, code, message):
     assert_one_line(*put(args, env), code, message)
 
 
-def test_unreadable_file(env, tmp_path):
-    secret = tmp_path / "secret.bin"
+@pytest.fixture
+def reachable_dir():
+    """A directory outside pytest's private (0700) base directory, so that ``nobody`` reaches it."""
+    directory = Path(tempfile.mkdtemp(prefix="gcsstream-bad-input-"))
+    try:
+        directory.chmod(0o755)
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def unprivileged(env: dict[str, str], directory: Path) -> tuple[str, dict[str, str]]:
+    """How to run gcsstream as a user that file permissions apply to (root reads anything: as
+    ``nobody`` then), with a state directory that user can write."""
+    state = directory / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    runner = "setpriv --reuid=65534 --regid=65534 --clear-groups" if os.geteuid() == 0 else ""
+    return runner, {**env, "GCSSTREAM_STATE_DIR": str(state)}
+
+
+@covers("unreadable file", 2, "Permission denied")
+def test_unreadable_file(env, server, reachable_dir, row):
+    runner, env = unprivileged(env, reachable_dir)
+    secret = reachable_dir / "secret.bin"
     secret.write_bytes(b"x")
     secret.chmod(0)
-    tmp_path.chmod(0o755)
-    if os.geteuid() == 0:  # root reads anything: run as nobody
-        code, err = put(
-            f"{secret} gs://{BUCKET}/o", env, stdin="setpriv --reuid=65534 --regid=65534 --clear-groups"
-        )
-    else:
-        code, err = put(f"{secret} gs://{BUCKET}/o", env)
-    assert_one_line(code, err, *SPECIAL["unreadable file"])
+    code, err = put(f"{secret} gs://{BUCKET}/unreadable", env, stdin="", runner=runner)
+    assert_row(code, err, row)
+    assert f"{secret}: Permission denied" in err, err
+    assert server.object_resource(BUCKET, "unreadable") is None
+    # The control: the same user, directory and state directory upload a file it may read.
+    readable = reachable_dir / "readable.bin"
+    data = os.urandom(1000)
+    readable.write_bytes(data)
+    readable.chmod(0o644)
+    code, err = put(f"{readable} gs://{BUCKET}/readable", env, stdin="", runner=runner)
+    assert code == 0, err
+    assert_stored(server, BUCKET, "readable", data)
 
 
-def test_read_error_mid_file_cancels_the_session(env, server):
+@covers("read error in the middle of a file", 1, "the upload was cancelled and no object was created")
+def test_read_error_mid_file_cancels_the_session(env, server, tmp_path, row):
+    """strace makes the file's third read(2) fail with EIO. The reader holds at most two chunks
+    the service has not confirmed, so that read waits until the first chunk is persisted."""
+    assert shutil.which("strace"), "this test needs strace (apt-get install strace)"
+    src = tmp_path / "mid.bin"
+    src.write_bytes(os.urandom(6 * QUANTUM))
+    sessions_before, requests_before = len(server.sessions()), len(server.requests)
+    inject = f"strace -f -qq -o /dev/null -P {src} -e trace=read -e inject=read:error=EIO:when=3+"
+    code, err = put(f"--chunk-size 256KiB {src} gs://{BUCKET}/mid", env, stdin="", runner=inject)
+    assert_row(code, err, row)
+    assert f"reading {src} failed: Input/output error" in err, err
+    (session,) = server.sessions()[sessions_before:]
+    assert session.cancelled and not session.finalized and server.object_resource(BUCKET, "mid") is None
+    requests = server.requests[requests_before:]
+    cancel = next(r for r in requests if r.kind == "cancel")
+    assert cancel.status == 499
+    persisted_first = [r for r in requests if r.kind == "chunk" and r.seq < cancel.seq and r.status == 308]
+    assert persisted_first and max(r.persisted for r in persisted_first) >= QUANTUM, requests
+    assert not [r for r in requests if r.kind == "final"]
+    listed = subprocess.run(["gcsstream", "sessions", "--json"], env=env, capture_output=True, timeout=60)
+    assert json.loads(listed.stdout) == [], "the journal kept the cancelled upload"
+
+
+def test_read_error_on_the_first_read_cancels_the_session(env, server):
     # Reading one's own /proc/self/mem at offset 0 fails with EIO: a file that breaks when read.
     before = len(server.sessions())
     code, err = put(f"/proc/self/mem gs://{BUCKET}/mem", env)
-    assert_one_line(code, err, *SPECIAL["read error in the middle of a file"])
-    assert "Input/output error" in err
+    assert_one_line(code, err, 1, "the upload was cancelled and no object was created")
+    assert "reading /proc/self/mem failed: Input/output error" in err
     new = server.sessions()[before:]
     assert new and all(s.cancelled for s in new) and server.object_resource(BUCKET, "mem") is None
 
 
-def test_stdin_terminal_is_refused(env):
+@covers("stdin is a terminal", 2, "standard input is a terminal")
+def test_stdin_terminal_is_refused(env, row):
     controller, terminal = pty.openpty()
     try:
         proc = subprocess.run(
@@ -133,12 +210,13 @@ def test_stdin_terminal_is_refused(env):
     finally:
         os.close(controller)
         os.close(terminal)
-    assert_one_line(proc.returncode, proc.stderr.decode(), *SPECIAL["stdin is a terminal"])
+    assert_row(proc.returncode, proc.stderr.decode(), row)
 
 
-def test_permission_denied_by_the_service(env, server):
+@covers("permission denied by the service (403)", 4, "denied (403)")
+def test_permission_denied_by_the_service(env, server, row):
     server.faults.add(Fault("status", status=403, on="initiate"))
-    assert_one_line(*put(f"- gs://{BUCKET}/o", env), *SPECIAL["permission denied by the service (403)"])
+    assert_row(*put(f"- gs://{BUCKET}/o", env), row)
 
 
 def no_google_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
@@ -156,36 +234,40 @@ def no_google_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     }
 
 
-def test_no_credentials_found(env, tmp_path):
+@covers("no credentials found", 4, "no Google credentials found")
+def test_no_credentials_found(env, tmp_path, row):
     # An https endpoint is not an emulator, so credentials are required; it is never contacted.
     code, err = put(f"--endpoint https://127.0.0.1:9 - gs://{BUCKET}/o", no_google_env(env, tmp_path))
-    assert_one_line(code, err, *SPECIAL["no credentials found"])
+    assert_row(code, err, row)
 
 
-def test_broken_credentials_file(env, tmp_path):
+@covers("broken credentials file", 4, "is not usable")
+def test_broken_credentials_file(env, tmp_path, row):
     key = tmp_path / "key.json"
     key.write_text('{"type": "service_account", "private_key": "not a key"')
     code, err = put(f"--credentials {key} - gs://{BUCKET}/o", env)
-    assert_one_line(code, err, *SPECIAL["broken credentials file"])
+    assert_row(code, err, row)
 
 
-def test_unreachable_endpoint(env):
+@covers("unreachable endpoint", 75, "gave up after")
+def test_unreachable_endpoint(env, row):
     code, err = put(
         f"--endpoint http://127.0.0.1:9 --retry-deadline 2 --retry-initial-delay 0.1 - gs://{BUCKET}/o", env
     )
     assert code == 75, err
     lines = err.strip().splitlines()
     assert lines[:-1] and all(
-        "gcsstream: gs://gcsstream-test/o: connection refused, retrying in" in line for line in lines[:-1]
+        f"gcsstream: gs://{BUCKET}/o: connection refused, retrying in" in line for line in lines[:-1]
     ), err
-    assert_one_line(code, lines[-1] + "\n", *SPECIAL["unreachable endpoint"])
+    assert_row(code, lines[-1] + "\n", row)
 
 
-def test_unwritable_state_directory(env, tmp_path):
+@covers("unwritable state directory", 2, "is not writable")
+def test_unwritable_state_directory(env, tmp_path, row):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     code, err = put(f"- gs://{BUCKET}/o", {**env, "GCSSTREAM_STATE_DIR": str(blocker / "state")})
-    assert_one_line(code, err, *SPECIAL["unwritable state directory"])
+    assert_row(code, err, row)
 
 
 def test_readme_table_matches_the_tests():
@@ -193,9 +275,11 @@ def test_readme_table_matches_the_tests():
     section = text[text.index("## Bad input") :]
     section = section[: section.index("\n## ", 1)]
     rows = re.findall(r"^\| (.+?) \| (\d+) \| `(.+?)` \|$", section, flags=re.M)
-    documented = {(label, int(code), message) for label, code, message in rows}
-    tested = {(label, code, message) for label, _, code, message in SIMPLE}
-    tested |= {(label, code, message) for label, (code, message) in SPECIAL.items()}
+    documented = {Row(label, int(code), message) for label, code, message in rows}
+    assert len(documented) == len(rows), "a row appears twice in the README"
+    simple = {Row(label, code, message) for label, _, code, message in SIMPLE}
+    assert len(simple) == len(SIMPLE) and not {r.label for r in simple} & COVERED.keys()
+    tested = simple | set(COVERED.values())
     assert documented == tested, (
         f"in the README only: {sorted(documented - tested)}; in the tests only: {sorted(tested - documented)}"
     )

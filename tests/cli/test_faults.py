@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -74,6 +77,21 @@ def test_fault_is_survived(server, put, fault):
     assert_stored(server, BUCKET, "obj", data)
 
 
+@pytest.mark.parametrize("seconds", [1, 1.5])
+def test_429_retry_after_is_honoured(server, put, seconds):
+    """The next request comes no sooner than Retry-After says (the backoff alone waits ~0.05 s)."""
+    fault = server.faults.add(Fault("status", status=429, retry_after=seconds, on="chunk", nth=2))
+    proc, data = put()
+    assert proc.returncode == 0, proc.stderr.decode()
+    requests = server.requests
+    (faulted,) = [r for r in requests if r.fault]
+    assert faulted.status == 429 and server.faults.applied("status") == [fault]
+    following = requests[requests.index(faulted) + 1]
+    waited = following.started - faulted.finished
+    assert waited >= seconds - 0.05, f"the next request came {waited:.3f} s after a Retry-After of {seconds}"
+    assert_stored(server, BUCKET, "obj", data)
+
+
 @pytest.mark.parametrize("kind", ["status", "reset"])
 def test_resend_is_preceded_by_a_status_query(server, put, kind):
     server.faults.add(Fault(kind, on="chunk", nth=2, status=503, after_bytes=100_000))
@@ -112,13 +130,20 @@ def test_401_without_refreshable_credentials_is_auth_error(server, put):
     server.faults.add(Fault("unauthorized", on="chunk", nth=1))
     proc, _ = put()
     assert proc.returncode == 4, proc.stderr.decode()
+    assert proc.stderr.decode().startswith("gcsstream: error: "), proc.stderr.decode()
+    assert server.faults.applied("unauthorized")
+    assert server.object_resource(BUCKET, "obj") is None
 
 
 def test_no_clobber_on_existing_object_is_precondition_failed(server, put):
-    assert put()[0].returncode == 0
+    first, data = put()
+    assert first.returncode == 0, first.stderr.decode()
+    generation = assert_stored(server, BUCKET, "obj", data)["generation"]
     proc, _ = put("--no-clobber")
     assert proc.returncode == 6, proc.stderr.decode()
     assert b"already exists" in proc.stderr
+    # The first upload's object is untouched: same generation, same bytes and checksums.
+    assert assert_stored(server, BUCKET, "obj", data)["generation"] == generation
 
 
 def test_retry_deadline_gives_75_and_leaves_session_open(server, put):
@@ -198,13 +223,28 @@ def test_401_once_refreshes_credentials_and_continues(server, put, service_accou
     assert_stored(server, BUCKET, "obj", data)
 
 
+def leaks(text: str, tokens: list[str], upload_ids: list[str]) -> list[str]:
+    """What in ``text`` gives away a credential: any 8 characters in a row of a token or an upload
+    id, an unredacted ``ya29.`` token or ``upload_id=``, an Authorization header."""
+    found = [
+        piece
+        for secret in [*tokens, *upload_ids]
+        for piece in {secret[i : i + 8] for i in range(len(secret) - 7)}
+        if piece in text
+    ]
+    found += re.findall(r"ya29\.(?!REDACTED\b)\S{0,12}", text)
+    found += re.findall(r"upload_id=(?!REDACTED\b)\S{0,12}", text, flags=re.IGNORECASE)
+    found += [word for word in ("Bearer ", "Authorization") if word in text]
+    return found
+
+
 def test_no_secret_in_any_output(server, put, service_account, tmp_path):
     """Tokens, Authorization headers and session ids never reach stdout, stderr or --debug logs."""
     key, tokens = service_account
     outputs = []
     server.faults.add(Fault("unauthorized", on="chunk", nth=1))
     server.faults.add(Fault("reset", on="chunk", nth=2, after_bytes=1000))
-    ok, _ = put(f"--credentials {key} --debug --json", name="ok")
+    ok, data = put(f"--credentials {key} --debug --json", name="ok")
     outputs.append(ok)
     server.faults.add(Fault("status", status=503, on="chunk", nth=1, times=10_000))
     failed, _ = put(f"--credentials {key} --debug --retry-deadline 0.5", name="failed")
@@ -212,10 +252,120 @@ def test_no_secret_in_any_output(server, put, service_account, tmp_path):
     server.faults = FaultPlan([Fault("expire", on="chunk", nth=1)])
     outputs.append(put(f"--credentials {key} --debug", name="expired")[0])
     assert [p.returncode for p in outputs] == [0, 75, 5]
+    resource = assert_stored(server, BUCKET, "ok", data)
+    assert json.loads(ok.stdout)["crc32c"] == resource["crc32c"]
     upload_ids = [s.upload_id for s in server.sessions()]
-    assert len(upload_ids) == 3 and tokens.tokens
+    assert len(upload_ids) == 3 and len(tokens.tokens) >= 2
     for proc in outputs:
         text = (proc.stdout + proc.stderr).decode()
         assert "debug:" in text  # the debug log really was on
-        for secret in [*tokens.tokens, *upload_ids, "Bearer ", "Authorization"]:
-            assert secret not in text, f"{secret!r} leaked"
+        assert not leaks(text, tokens.tokens, upload_ids), f"leaked: {leaks(text, tokens.tokens, upload_ids)}"
+
+
+def test_leak_check_finds_truncated_secrets():
+    """The check above is only as good as ``leaks``: it must see a secret cut short."""
+    token, upload_id = "ya29.test-token-1-SECRET", "ADPycdvSECRETsessionid0123456789"
+    assert not leaks("upload_id=REDACTED ya29.REDACTED Bearer-free", [token], [upload_id])
+    for text in [
+        f"token {token[:-3]}",
+        "ya29.xyz",
+        f"...{upload_id[5:14]}...",
+        "?upload_id=ADPy",
+        "upload_id=%41",
+        "Authorization: x",
+    ]:
+        assert leaks(text, [token], [upload_id]), text
+
+
+def run_gcs(gcsstream_exe: str, args: str, env: dict[str, str], stdin: Path | None = None):
+    """``gcsstream ARGS`` with ``stdin`` from a file (else nothing); the finished process."""
+    with open(stdin or os.devnull, "rb") as feed:
+        return subprocess.run(
+            [gcsstream_exe, *args.split()], stdin=feed, env=env, capture_output=True, timeout=120
+        )
+
+
+def test_no_secret_from_session_commands_or_an_interrupt(server, gcsstream_exe, service_account, tmp_path):
+    """SIGINT of `put --debug`, then `sessions`, `status`, `resume --debug` and `abort` by session
+    URI: the URI is a credential that only the journal file may hold."""
+    key, tokens = service_account
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": server.url}
+    src = tmp_path / "src.bin"
+    data = os.urandom(3 * CHUNK + 1000)
+    src.write_bytes(data)
+    outputs = {}
+    # SIGINT while the second chunk is held up by the server.
+    server.faults.add(Fault("stall", on="chunk", nth=2, seconds=30))
+    with open(src, "rb") as feed:
+        proc = subprocess.Popen(
+            [gcsstream_exe, *f"put {FAST} --credentials {key} --debug - gs://{BUCKET}/sig".split()],
+            stdin=feed,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            server.wait_for_request(lambda r: r.fault == "stall", 60)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert b"debug:" in err and b"interrupted; " in err, err.decode()
+    outputs["put --debug, SIGINT"] = out + err
+    listed = run_gcs(gcsstream_exe, "sessions", env)
+    outputs["sessions"] = listed.stdout + listed.stderr
+    listed_json = run_gcs(gcsstream_exe, "sessions --json", env)
+    outputs["sessions --json"] = listed_json.stdout + listed_json.stderr
+    assert listed.returncode == listed_json.returncode == 0
+    (entry,) = json.loads(listed_json.stdout)
+    assert entry["id"] in listed.stdout.decode() and entry["held"] == CHUNK
+    journal = Path(os.environ["GCSSTREAM_STATE_DIR"]) / f"{entry['id']}.json"
+    uri = json.loads(journal.read_text())["session_uri"]
+    status = run_gcs(gcsstream_exe, f"status {uri} --json --credentials {key} --debug", env)
+    outputs["status URI"] = status.stdout + status.stderr
+    assert status.returncode == 0 and json.loads(status.stdout)["held"] == CHUNK, status.stderr.decode()
+    server.faults = FaultPlan()
+    resumed = run_gcs(gcsstream_exe, f"resume {uri} - --credentials {key} --debug {FAST}", env, src)
+    outputs["resume URI --debug"] = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and b"debug:" in resumed.stderr, resumed.stderr.decode()
+    assert_stored(server, BUCKET, "sig", data)
+    # resumed by its URI, the upload's journal was found, used and forgotten
+    assert json.loads(run_gcs(gcsstream_exe, "sessions --json", env).stdout) == []
+    # An upload that gives up, aborted by its session URI; then status and abort of the dead session.
+    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    gave_up = run_gcs(gcsstream_exe, f"put {FAST} --retry-deadline 0.5 - gs://{BUCKET}/ab", env, src)
+    assert gave_up.returncode == 75, gave_up.stderr.decode()
+    server.faults = FaultPlan()
+    listed = json.loads(run_gcs(gcsstream_exe, "sessions --json", env).stdout)
+    (entry,) = listed
+    uri = json.loads((journal.parent / f"{entry['id']}.json").read_text())["session_uri"]
+    aborted = run_gcs(gcsstream_exe, f"abort {uri} --credentials {key} --debug", env)
+    outputs["abort URI"] = aborted.stdout + aborted.stderr
+    assert aborted.returncode == 0 and b"aborted" in aborted.stderr, aborted.stderr.decode()
+    assert server.session(uri).cancelled and server.object_resource(BUCKET, "ab") is None
+    for command in ("status", "abort"):
+        dead = run_gcs(gcsstream_exe, f"{command} {uri} --credentials {key} --debug", env)
+        outputs[f"{command} of a cancelled session URI"] = dead.stdout + dead.stderr
+    assert b"Traceback" in outputs["status of a cancelled session URI"]  # the debug path really ran
+    upload_ids = [s.upload_id for s in server.sessions()]
+    assert len(upload_ids) == 2 and tokens.tokens
+    for what, output in outputs.items():
+        found = leaks(output.decode(), tokens.tokens, upload_ids)
+        assert not found, f"{what} leaked {found}"
+
+
+@pytest.mark.parametrize("command", ["status", "abort"])
+def test_session_commands_take_debug(server, put, gcsstream_exe, command):
+    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    proc, _ = put("--retry-deadline 0.5")
+    assert proc.returncode == 75, proc.stderr.decode()
+    (session,) = server.sessions()
+    uri = f"{server.url}/upload/storage/v1/b/{BUCKET}/o?uploadType=resumable&upload_id={session.upload_id}"
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": server.url}
+    done = run_gcs(gcsstream_exe, f"{command} {uri} --debug", env)
+    text = (done.stdout + done.stderr).decode()
+    assert done.returncode == 0 and "debug:" in text, text
+    assert not leaks(text, [], [session.upload_id]), leaks(text, [], [session.upload_id])
