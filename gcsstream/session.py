@@ -54,7 +54,10 @@ def status_request(session_uri: str) -> Request:
 
 
 def held_bytes(response: requests.Response) -> int | None:
-    """From a status query's answer: the bytes the session holds, or None if it has finished."""
+    """From a status query's answer: the bytes the session holds, or None if it has finished.
+
+    Rounded down to whole 256 KiB units (see ``whole_units``).
+    """
     if response.status_code in (200, 201):
         return None
     if response.status_code != 308:
@@ -63,7 +66,17 @@ def held_bytes(response: requests.Response) -> int | None:
     match = _RANGE.match(value.strip()) if value else None
     if value and not match:
         raise IntegrityError(f"unexpected Range {value!r} in the answer to a status query")
-    return int(match.group(1)) + 1 if match else 0  # no Range: nothing held yet
+    return whole_units(int(match.group(1)) + 1) if match else 0  # no Range: nothing held yet
+
+
+def whole_units(held: int) -> int:
+    """Where to continue an unfinished session that reports ``held`` bytes: a multiple of 256 KiB.
+
+    The service persists whole 256 KiB units until the end, so this changes nothing there, and
+    it ignores bytes sent again. gcp-storage-emulator answers an empty session with
+    ``bytes=0-0``, which taken literally skips a byte it does not hold (and it then refuses).
+    """
+    return held // CHUNK_QUANTUM * CHUNK_QUANTUM
 
 
 def is_final_range(content_range: str) -> bool:
@@ -182,6 +195,10 @@ class ResumableSession(ResumableUpload):
             return
         self._process_recover_response(response)  # seeks the window to the persisted offset
         self._check_not_beyond_sent()
+        floor = self._window.confirmed[0]  # a chunk's own 308 may have confirmed an odd offset
+        resend_from = max(floor, whole_units(self._bytes_uploaded))
+        if resend_from != self._bytes_uploaded:
+            self._bytes_uploaded = self._window.seek(resend_from)
 
     def _check_not_beyond_sent(self) -> None:
         """A Range past the bytes sent would release (and journal) bytes the service never saw."""

@@ -1,36 +1,73 @@
 """Interrupted uploads continue where the service stopped: SIGKILL, SIGINT, SIGTERM, retries
-exhausted; from a file or a re-fed stream; wrong inputs refused with the session intact."""
+exhausted; from a file or a re-fed stream; wrong inputs refused with the session intact.
+
+Everything waits on events: the test server's request records and stall triggers, the lines
+gcsstream prints, data consumed from a pipe, inotify. Every process a test starts is killed and
+reaped at its end, whatever the outcome (``reap_processes``)."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import ctypes
 import json
 import os
 import random
+import re
+import select
 import signal
 import stat
+import struct
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import google_crc32c
 import pytest
 
 from gcsstream.options import parse_size
-from tests.conftest import crc32c_b64
-from tests.gcs_test_server import Fault, FaultPlan, GcsTestServer
+from tests import gcs_test_server
+from tests.conftest import assert_stored
+from tests.emulators import start_gcp_storage_emulator
+from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 
 BUCKET = "resume"
 CHUNK = 1 << 20
 #: The SIGKILL test's input and chunk sizes; the README's measurement uses 1GiB and 16MiB.
 KILL_SIZE = parse_size(os.environ.get("GCSSTREAM_KILL_SIZE", "24MiB"))
 KILL_CHUNK = parse_size(os.environ.get("GCSSTREAM_KILL_CHUNK", "1MiB"))
+#: A stall that outlasts any test: the server ends it when it stops, or a newer request supersedes it.
+STALL = 300.0
+
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def _reap() -> None:
+    """Kill and reap every process started through spawn() / gcs() that is still running."""
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        with contextlib.suppress(ProcessLookupError):
+            if proc.poll() is None:
+                proc.kill()
+        proc.wait(timeout=60)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+@pytest.fixture(autouse=True)
+def reap_processes():
+    yield
+    _reap()
 
 
 @pytest.fixture
 def server(tmp_path):
     with GcsTestServer(data_dir=tmp_path / "server", buckets=[BUCKET]) as srv:
-        yield srv
+        try:
+            yield srv
+        finally:
+            _reap()  # before the server stops, so that no client is left retrying against it
 
 
 @pytest.fixture
@@ -43,15 +80,51 @@ def env(server, gcsstream_exe, state_dir):
     }
 
 
+@pytest.fixture
+def stalls(monkeypatch):
+    """``wait(n)``: block until the n-th stall fault of the test server has taken hold; returns
+    the byte of the request body it holds at.
+
+    The server logs a request when it starts and counts its bytes when it ends, so nothing public
+    tells when a body has reached a given byte. This wraps the (in-process) fault pacer's trigger
+    to learn it the moment it happens."""
+    reached: list[int] = []
+    cond = threading.Condition()
+    fire = gcs_test_server._Pacer._fire
+
+    def noting_fire(pacer) -> None:
+        if pacer.trigger_kind == "stall":
+            with cond:
+                reached.append(pacer.pos)
+                cond.notify_all()
+        fire(pacer)
+
+    monkeypatch.setattr(gcs_test_server._Pacer, "_fire", noting_fire)
+
+    def wait(n: int, timeout: float = 120) -> int:
+        with cond:
+            assert cond.wait_for(lambda: len(reached) >= n, timeout), f"stall {n} never reached"
+            return reached[n - 1]
+
+    return wait
+
+
+def spawn(argv: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    """Popen, recorded for reap_processes."""
+    proc = subprocess.Popen(argv, env=env, **kwargs)
+    _SPAWNED.append(proc)
+    return proc
+
+
 def gcs(args: str, env: dict[str, str], stdin_file: Path | None = None) -> subprocess.Popen:
     """Start ``gcsstream ARGS`` with its stdin a pipe fed from ``stdin_file`` by cat."""
-    feeder = subprocess.Popen(["cat", str(stdin_file)], stdout=subprocess.PIPE) if stdin_file else None
-    proc = subprocess.Popen(
+    feeder = spawn(["cat", str(stdin_file)], env, stdout=subprocess.PIPE) if stdin_file else None
+    proc = spawn(
         ["gcsstream", *args.split()],
+        env,
         stdin=feeder.stdout if feeder else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=env,
     )
     if feeder:
         feeder.stdout.close()  # gcsstream holds the read end; cat gets SIGPIPE if it dies
@@ -66,57 +139,175 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]
     return proc.returncode, out.decode(), err.decode()
 
 
-def only_session(env) -> dict:
+def kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    assert finish(proc, timeout=60)[0] == -signal.SIGKILL
+
+
+def sessions(env) -> list[dict]:
     out = subprocess.run(["gcsstream", "sessions", "--json"], env=env, capture_output=True, check=True).stdout
-    (entry,) = json.loads(out)
+    return json.loads(out)
+
+
+def only_session(env) -> dict:
+    (entry,) = sessions(env)
     return entry
 
 
-def chunk_bytes(server) -> int:
-    return sum(r.bytes_received for r in server.requests if r.kind in ("chunk", "final"))
+def journals(env) -> list[str]:
+    """The ids of the journals on disk (cheaper than running ``gcsstream sessions``)."""
+    return sorted(p.stem for p in Path(env["GCSSTREAM_STATE_DIR"]).glob("*.json"))
 
 
-def assert_object(server, name: str, data_path: Path) -> None:
-    stored = server.object_path(BUCKET, name).read_bytes()
-    data = data_path.read_bytes()
-    assert hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
-    assert server.object_resource(BUCKET, name)["crc32c"] == crc32c_b64(data)
+def held_by_service(env, entry_id: str) -> int:
+    out = subprocess.run(
+        ["gcsstream", "status", entry_id, "--json"], env=env, capture_output=True, check=True
+    ).stdout
+    return json.loads(out)["held"]
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_sigkill_at_three_points_then_resume_each_time(server, env, tmp_path, seed):
-    src = tmp_path / "src.bin"
-    with open(src, "wb") as f:  # random, but cheap: 1 MiB of urandom repeated with a counter
-        block = os.urandom(KILL_CHUNK)
-        for i in range(KILL_SIZE // KILL_CHUNK):
-            f.write(i.to_bytes(8, "big") + block[8:])
+def last_seq(server) -> int:
+    return max((r.seq for r in server.requests), default=0)
+
+
+def wait_nth_request(server, kind: str, n: int, after: int, timeout: float = 300):
+    """The n-th request of ``kind`` logged after request number ``after`` (waits for it)."""
+
+    def nth(r) -> bool:
+        return (
+            r.kind == kind
+            and r.seq > after
+            and sum(1 for x in server.requests if x.kind == kind and after < x.seq <= r.seq) >= n
+        )
+
+    return server.wait_for_request(nth, timeout)
+
+
+_RANGE = re.compile(r"bytes (\d+)-(\d+)/")
+
+
+def data_requests(server, name: str, first_seq: int, last: int | None = None) -> list[tuple[int, int]]:
+    """``(first byte, end)`` of each chunk and final request for ``name`` with a sequence number
+    in (first_seq, last], as the client declared them (the bytes it set out to send)."""
+    spans = []
+    for r in server.requests:
+        if r.seq > first_seq and (last is None or r.seq <= last) and r.name == name:
+            m = _RANGE.match(r.content_range or "") if r.kind in ("chunk", "final") else None
+            if m:
+                spans.append((int(m.group(1)), int(m.group(2)) + 1))
+    return spans
+
+
+def feed(pipe, src: Path, length: int) -> None:
+    """Write the first ``length`` bytes of ``src`` into ``pipe``. Returns once the reader has
+    taken all but at most one pipe buffer (64 KiB) of them."""
+    with open(src, "rb") as f:
+        while length:
+            piece = f.read(min(length, 1 << 20))
+            pipe.write(piece)
+            length -= len(piece)
+    pipe.flush()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_at_random_points_then_resume_each_time(server, env, tmp_path, stalls, seed):
+    """Four SIGKILLs of one piped upload, each resumed from the same stream: just after a chunk
+    request starts, at a random byte inside a chunk, during a resume's check of the held prefix
+    (that resume is killed and resumed again), and at a random byte of the final request."""
     rng = random.Random(seed)
-    # Each process is killed after it has made 1 to (a quarter of the chunks) chunk requests.
-    kill_after = [rng.randint(1, max(1, KILL_SIZE // KILL_CHUNK // 4)) for _ in range(3)]
-    proc = gcs(f"put --chunk-size {KILL_CHUNK} - gs://{BUCKET}/killed", env, src)
-    for n in kill_after:
-        target = chunk_requests(server) + n
-        server.wait_for_request(lambda r, t=target: r.kind == "chunk" and chunk_requests(server) >= t, 300)
-        proc.kill()
-        code, _, _ = finish(proc)
-        assert code == -signal.SIGKILL
-        entry = only_session(env)
-        assert entry["destination"] == f"gs://{BUCKET}/killed"
-        proc = gcs(f"resume {entry['id']} - --chunk-size {KILL_CHUNK}", env, src)
-    code, _, err = finish(proc)
-    assert code == 0, err
-    assert_object(server, "killed", src)
-    resent = chunk_bytes(server) - KILL_SIZE
-    print(f"\nsigkill: {KILL_SIZE} bytes, kills after {kill_after} chunk requests, {resent} bytes re-sent")
-    assert resent <= 3 * KILL_CHUNK, "resent more than one chunk per interruption"
-    assert (
-        json.loads(subprocess.run(["gcsstream", "sessions", "--json"], env=env, capture_output=True).stdout)
-        == []
+    chunk = KILL_CHUNK
+    whole = KILL_SIZE // chunk
+    # The final request is short and holds at least tail % QUANTUM bytes wherever the chunks
+    # fall (a killed request can leave the service holding any multiple of 256 KiB).
+    tail = QUANTUM * rng.randrange(chunk // QUANTUM) + rng.randrange(1, QUANTUM)
+    size = whole * chunk + tail
+    src = tmp_path / "src.bin"
+    block = rng.randbytes(chunk)
+    with open(src, "wb") as f:  # random, but cheap: one random chunk repeated with a counter
+        for i in range(whole):
+            f.write(i.to_bytes(8, "big") + block[8:])
+        f.write(block[: size - whole * chunk])
+    name = "killed"
+    resume = f"resume {{}} - --chunk-size {chunk}"
+    quarter = max(2, whole // 4)
+    starts = []  # the request number before each process started
+    points = []
+
+    # 1. just after the k-th chunk request of the first process has started
+    k = rng.randint(2, quarter)
+    starts.append(last_seq(server))
+    proc = gcs(f"put --chunk-size {chunk} - gs://{BUCKET}/{name}", env, src)
+    wait_nth_request(server, "chunk", k, starts[-1])
+    kill(proc)
+    entry = only_session(env)
+    assert entry["destination"] == f"gs://{BUCKET}/{name}"
+    points.append(f"start of chunk request {k}")
+
+    # 2. at a random byte inside a chunk request of a resume
+    k, at = rng.randint(1, quarter), rng.randrange(1, chunk)
+    server.faults.add(Fault("stall", on="chunk", nth=k, after_bytes=at, seconds=STALL))
+    starts.append(last_seq(server))
+    proc = gcs(resume.format(entry["id"]), env, src)
+    assert stalls(1) == at
+    kill(proc)
+    points.append(f"byte {at} of chunk request {k}")
+
+    # 3. while a resume reads the held prefix again and checks it, before it sends anything
+    (session,) = server.sessions()
+    held = session.persisted
+    assert held >= QUANTUM and held % QUANTUM == 0
+    cut = rng.randrange(held // 2, held)
+    starts.append(last_seq(server))
+    proc = spawn(
+        ["gcsstream", *resume.format(entry["id"]).split()],
+        env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    feed(proc.stdin, src, cut)  # returns once gcsstream has read most of it: it is in the check
+    kinds = [r.kind for r in server.requests if r.seq > starts[-1]]
+    assert kinds == ["status"], kinds  # it asked what the service holds, and sent nothing yet
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert server.sessions()[0].persisted == held
+    assert [r.kind for r in server.requests if r.seq > starts[-1]] == ["status"]
+    points.append(f"prefix check at byte {cut} of {held}")
 
+    # 4. at a random byte of the final request
+    at = rng.randrange(0, tail % QUANTUM)
+    server.faults.add(Fault("stall", on="final", after_bytes=at, seconds=STALL))
+    starts.append(last_seq(server))
+    proc = gcs(resume.format(entry["id"]), env, src)
+    assert stalls(2) == at
+    kill(proc)
+    assert server.object_resource(BUCKET, name) is None
+    points.append(f"byte {at} of the final request")
 
-def chunk_requests(server) -> int:
-    return sum(1 for r in server.requests if r.kind == "chunk")
+    # 5. the last resume completes
+    assert journals(env) == [entry["id"]]
+    starts.append(last_seq(server))
+    code, _, err = finish(gcs(resume.format(entry["id"]), env, src))
+    assert code == 0, err
+    assert_stored(server, BUCKET, name, src.read_bytes())
+    assert journals(env) == []
+
+    # Nothing the service held was sent again; at most the request in flight at each kill was.
+    resent = 0
+    in_flight = None  # (first, end) of the request in flight when the last process was killed
+    for i, first_seq in enumerate(starts):
+        spans = data_requests(server, name, first_seq, starts[i + 1] if i + 1 < len(starts) else None)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)), (
+            f"process {i} went back: {spans}"
+        )
+        if spans and in_flight:
+            assert spans[0][0] >= in_flight[0], f"process {i} resent more than the request in flight"
+            assert in_flight[1] - in_flight[0] <= chunk
+            resent += max(0, in_flight[1] - spans[0][0])
+        if spans:
+            in_flight = spans[-1]
+    assert in_flight[1] == size
+    print(f"\nsigkill: {size} bytes, {chunk}-byte chunks, killed at {points}, {resent} bytes re-sent at most")
 
 
 @pytest.mark.parametrize(
@@ -139,7 +330,7 @@ def test_signal_prints_the_resume_command(server, env, tmp_path, sig, code, word
     server.faults = FaultPlan()
     rc, _, err = finish(gcs(f"resume {entry['id']} -", env, src))
     assert rc == 0, err
-    assert_object(server, "sig", src)
+    assert_stored(server, BUCKET, "sig", src.read_bytes())
 
 
 def test_retries_exhausted_prints_the_resume_command_and_file_resumes_by_id(server, env, tmp_path):
@@ -159,7 +350,7 @@ def test_retries_exhausted_prints_the_resume_command_and_file_resumes_by_id(serv
     server.faults = FaultPlan()
     rc, _, err = finish(gcs(f"resume {entry['id']}", env))
     assert rc == 0, err
-    assert_object(server, "f", src)
+    assert_stored(server, BUCKET, "f", src.read_bytes())
 
 
 def test_put_of_the_same_file_continues_and_restart_starts_afresh(server, env, tmp_path):
@@ -174,15 +365,14 @@ def test_put_of_the_same_file_continues_and_restart_starts_afresh(server, env, t
     server.faults = FaultPlan()
     rc, _, err = finish(gcs(put, env))
     assert rc == 0 and f"continuing the unfinished upload {first['id']}" in err, err
-    assert_object(server, "again", src)
+    assert_stored(server, BUCKET, "again", src.read_bytes())
     # --restart: a fresh session, the old one cancelled
     server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
     assert finish(gcs(put, env))[0] == 75
-    old = only_session(env)
+    only_session(env)  # exactly one unfinished upload
     server.faults = FaultPlan()
     rc, _, err = finish(gcs(put + " --restart", env))
-    sessions = subprocess.run(["gcsstream", "sessions", "--json"], env=env, capture_output=True).stdout
-    assert old["id"] not in sessions.decode() and json.loads(sessions) == []
+    assert sessions(env) == []  # the old journal is gone too
     assert rc == 0 and "continuing" not in err, err
     assert [s.cancelled for s in server.sessions()] == [False, True, False]  # the abandoned 2nd one
 
@@ -225,6 +415,10 @@ def test_wrong_input_is_refused_and_the_session_is_intact(server, env, tmp_path,
     (session,) = server.sessions()
     assert session.persisted == 2 * CHUNK and not session.cancelled and not session.finalized
     assert only_session(env)["id"] == entry["id"]
+    if change != "modified file":  # the right stream still completes the same session
+        rc, _, err = finish(gcs(f"resume {entry['id']} -", env, src))
+        assert rc == 0, err
+        assert_stored(server, BUCKET, "w", src.read_bytes())
 
 
 def test_status_abort_and_bare_session_uri(server, env, tmp_path):
@@ -252,14 +446,21 @@ def test_status_abort_and_bare_session_uri(server, env, tmp_path):
         "finished": False,
     }
     server.faults = FaultPlan()
-    # The session URI alone (as a web backend would hand out) resumes, with a warning.
     session_uri = json.loads((Path(env["GCSSTREAM_STATE_DIR"]) / f"{entry['id']}.json").read_text())[
         "session_uri"
     ]
-    rc, _, err = finish(gcs(f"resume {session_uri} -", env, src))
+    secret = session_uri.split("upload_id=")[1]
+    # The session URI alone (as a web backend would hand out; no journal here) resumes, with a warning.
+    bare = {**env, "GCSSTREAM_STATE_DIR": str(tmp_path / "elsewhere")}
+    rc, _, err = finish(gcs(f"resume {session_uri} -", bare, src))
     assert rc == 0 and "cannot be checked against the input" in err, err
-    assert session_uri.split("upload_id=")[1] not in err
-    assert_object(server, "s", src)
+    assert secret not in err
+    assert_stored(server, BUCKET, "s", src.read_bytes())
+    # The URI of one of our own uploads finds its journal: no warning, and the journal is forgotten.
+    assert journals(env) == [entry["id"]]
+    rc, _, err = finish(gcs(f"resume {session_uri} -", env, src))
+    assert rc == 0 and "cannot be checked" not in err and secret not in err, err
+    assert journals(env) == []
     # abort on a fresh unfinished upload cancels it and forgets the journal
     server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
     assert (
@@ -310,58 +511,265 @@ def test_prune_forgets_sessions_the_service_no_longer_knows(server, env, tmp_pat
     assert b"no unfinished uploads" in r.stderr
 
 
-def test_journal_is_private_and_never_half_written(server, env, tmp_path, state_dir):
+def test_journal_is_private_and_replaced_atomically(server, env, tmp_path, state_dir, stalls):
+    """A thread reads the journal as fast as it can while 8 trickled chunks are confirmed. Every
+    read must be complete JSON. Each version it saw is kept open: a version replaced by rename is
+    a distinct inode, unlinked and unchanged afterwards; an in-place rewrite would be the same
+    inode with new contents."""
     src = tmp_path / "src.bin"
-    src.write_bytes(os.urandom(8 * CHUNK))
-    server.faults.add(Fault("stall", on="chunk", nth=6, seconds=30))
-    proc = gcs(f"put --chunk-size {CHUNK} - gs://{BUCKET}/j", env, src)
-    server.wait_for_request(lambda r: r.fault is not None, 60)
-    (journal,) = state_dir.glob("*.json")
-    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
-    assert stat.S_IMODE(journal.stat().st_mode) == 0o600
-    entry = json.loads(journal.read_text())
-    assert entry["persisted"] == 5 * CHUNK
-    assert entry["persisted_crc32c"] == google_crc32c.value(src.read_bytes()[: 5 * CHUNK])
-    assert not [p for p in state_dir.iterdir() if p.name.startswith(".")]  # no temporary left behind
-    proc.kill()
-    finish(proc)
+    data = os.urandom(8 * QUANTUM + 100)
+    src.write_bytes(data)
+    server.faults.add(Fault("trickle", on="chunk", times=8, rate=1 << 20, seconds=0.15))
+    server.faults.add(Fault("stall", on="final", seconds=STALL))
+    stop = threading.Event()
+    seen = threading.Condition()
+    versions: list[tuple[int, bytes, dict]] = []  # (open descriptor, contents, entry) of each version
+    problems: list[str] = []
+    reads = 0
+
+    def watch() -> None:
+        nonlocal reads
+        path = None
+        try:
+            while not stop.is_set():
+                if path is None:
+                    path = next(state_dir.glob("*.json"), None)
+                    continue
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    problems.append("the journal was missing for a moment")
+                    continue
+                raw = os.pread(fd, 1 << 20, 0)
+                reads += 1
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    problems.append(f"half-written: {raw!r}")
+                    os.close(fd)
+                    continue
+                if versions and versions[-1][1] == raw:
+                    os.close(fd)
+                    continue
+                with seen:
+                    versions.append((fd, raw, entry))
+                    seen.notify_all()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            problems.append(repr(exc))
+            with seen:
+                seen.notify_all()
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    try:
+        gcs(f"put --chunk-size {QUANTUM} - gs://{BUCKET}/j", env, src)
+        stalls(1)  # the final request is held: every chunk is confirmed and journaled
+        with seen:  # and the reader gets to see the last version
+            seen.wait_for(lambda: problems or versions and versions[-1][2]["persisted"] == 8 * QUANTUM, 60)
+        stop.set()
+        reader.join(60)
+        assert not problems, problems[:3]
+        held = [entry["persisted"] for _, _, entry in versions]
+        print(f"\njournal: {reads} reads, versions holding {held}")
+        # A new version per confirmed chunk; the reader may miss one only if it is starved for
+        # the 0.15 s a trickled chunk takes, so most must have been seen.
+        assert held == sorted(set(held)) and set(held) <= {i * QUANTUM for i in range(9)}
+        assert held[-1] == 8 * QUANTUM and len(held) >= 5, held
+        for _, _, entry in versions:
+            assert entry["persisted_crc32c"] == google_crc32c.value(data[: entry["persisted"]])
+        infos = [os.fstat(fd) for fd, _, _ in versions]
+        assert len({info.st_ino for info in infos}) == len(versions)  # a new inode per update
+        assert [info.st_nlink for info in infos] == [0] * (len(versions) - 1) + [1]  # replaced; current
+        assert [os.pread(fd, 1 << 20, 0) for fd, _, _ in versions] == [raw for _, raw, _ in versions]
+        assert {stat.S_IMODE(info.st_mode) for info in infos} == {0o600}
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        assert [p.name for p in state_dir.iterdir()] == [f"{versions[0][2]['id']}.json"]  # no temporary
+    finally:
+        stop.set()
+        reader.join(60)
+        for fd, _, _ in versions:
+            os.close(fd)
 
 
-def test_sigint_then_resume_against_gcp_storage_emulator(gcsstream_exe, state_dir, tmp_path):
-    """The same round trip on gcp-storage-emulator (fake-gcs-server finalizes a session when
-    asked for its status, so resume cannot work there: see the README's emulator table)."""
-    from tests.emulators import start_gcp_storage_emulator
+class DirWatch:
+    """inotify on one directory through libc (Linux, no extra dependency): an event to wait on
+    where a third-party server offers none."""
 
+    IN_MOVED_TO = 0x80
+
+    def __init__(self, directory: Path, mask: int) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_CLOEXEC)
+        if self.fd < 0:
+            pytest.skip("inotify is not available")
+        if libc.inotify_add_watch(self.fd, os.fsencode(directory), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, os.strerror(err), str(directory))
+
+    def wait(self, timeout: float) -> list[str]:
+        """The names in the events that arrive within ``timeout`` seconds (waits for the first)."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return []
+        buf, names, i = os.read(self.fd, 65536), [], 0
+        while i < len(buf):
+            _, _, _, n = struct.unpack_from("iIII", buf, i)
+            names.append(buf[i + 16 : i + 16 + n].rstrip(b"\0").decode())
+            i += 16 + n
+        return names
+
+    def __enter__(self) -> DirWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+class Lines:
+    """A process's stderr read line by line on a thread, so that a test can wait for a line."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._ended = False
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            with self._cond:
+                self.lines.append(raw.decode())
+                self._cond.notify_all()
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        def seen() -> bool:
+            return any(text in line for line in self.lines)
+
+        with self._cond:
+            self._cond.wait_for(lambda: self._ended or seen(), timeout)
+            assert seen(), f"no line with {text!r} in {self.lines}"
+
+    def all(self, timeout: float = 60) -> str:
+        self._thread.join(timeout)
+        with self._cond:
+            return "".join(self.lines)
+
+
+# gcp-storage-emulator: the same round trips on a third-party server. (fake-gcs-server finalizes a
+# session when it is asked for its status, so resume cannot work there: see the README's table.)
+
+
+@pytest.fixture(scope="module")
+def gcp_emulator(tmp_path_factory):
+    with start_gcp_storage_emulator(tmp_path_factory.mktemp("gcp-storage-emulator")) as emu:
+        emu.create_bucket(BUCKET)
+        yield emu
+
+
+@pytest.fixture
+def emu_env(gcp_emulator, gcsstream_exe, state_dir):
+    return {
+        **os.environ,
+        "STORAGE_EMULATOR_HOST": gcp_emulator.url,
+        "PATH": f"{Path(gcsstream_exe).parent}:{os.environ['PATH']}",
+        "GCSSTREAM_STATE_DIR": str(state_dir),
+    }
+
+
+def put_and_hold(env: dict[str, str], name: str, src: Path, chunks: int) -> tuple[subprocess.Popen, Lines]:
+    """``gcsstream put - gs://resume/NAME`` fed the first ``chunks`` chunks of ``src`` through a
+    pipe that stays open; returns once gcsstream reports them stored. The emulator offers no
+    request events; gcsstream's own status line (every 50 ms) counts only confirmed and journaled
+    bytes, so waiting for it is waiting for the journal."""
+    proc = spawn(
+        ["gcsstream", *f"put --chunk-size {CHUNK} --progress-interval 0.05 - gs://{BUCKET}/{name}".split()],
+        env,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    lines = Lines(proc.stderr)
+    feed(proc.stdin, src, chunks * CHUNK)
+    lines.wait_for(f": {chunks}.0 MiB stored")
+    return proc, lines
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"),
+    [
+        (signal.SIGKILL, -signal.SIGKILL, None),
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "terminated"),
+    ],
+    ids=["kill", "int", "term"],
+)
+def test_signal_then_resume_against_gcp_storage_emulator(gcp_emulator, emu_env, tmp_path, sig, code, word):
     data = os.urandom(5 * CHUNK + 123)
     src = tmp_path / "src.bin"
     src.write_bytes(data)
-    with start_gcp_storage_emulator(tmp_path / "emu") as emu:
-        emu.create_bucket(BUCKET)
-        env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.url, "GCSSTREAM_STATE_DIR": str(state_dir)}
-        env["PATH"] = f"{Path(gcsstream_exe).parent}:{env['PATH']}"
-        # Feed two chunks and hold the pipe open: gcsstream stores them, then waits for more.
-        proc = subprocess.Popen(
-            ["gcsstream", "put", "--chunk-size", str(CHUNK), "-", f"gs://{BUCKET}/emu"],
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
+    name = f"sig-{sig.name}"
+    proc, lines = put_and_hold(emu_env, name, src, 2)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code
+    entry = only_session(emu_env)
+    if word:
+        assert lines.all().splitlines()[-1] == (
+            f"gcsstream: error: {word}; {2 * CHUNK} bytes (2.0 MiB) are stored; "
+            f"continue with: ... | gcsstream resume {entry['id']} -"
         )
-        proc.stdin.write(data[: 2 * CHUNK])
-        proc.stdin.flush()
-        # The emulator offers no request events: watch the journal until it records both chunks.
-        deadline = time.monotonic() + 60
-        while not any(json.loads(p.read_text())["persisted"] == 2 * CHUNK for p in state_dir.glob("*.json")):
-            assert time.monotonic() < deadline, "the journal never recorded two chunks"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        proc.stdin.close()
-        entry = only_session(env)
-        assert proc.returncode == 130 and f"gcsstream resume {entry['id']} -" in err.decode()
-        held = subprocess.run(["gcsstream", "status", entry["id"], "--json"], env=env, capture_output=True)
-        assert json.loads(held.stdout)["held"] == 2 * CHUNK
-        rc, _, err = finish(gcs(f"resume {entry['id']} -", env, src))
-        assert rc == 0, err
-        stored = emu.read_object(BUCKET, "emu")
-        assert hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
-        assert emu.object_resource(BUCKET, "emu")["crc32c"] == crc32c_b64(data)
+    assert entry["held"] == held_by_service(emu_env, entry["id"]) == 2 * CHUNK
+    rc, _, err = finish(gcs(f"resume {entry['id']} -", emu_env, src))
+    assert rc == 0, err
+    assert_stored(gcp_emulator, BUCKET, name, data)
+    assert journals(emu_env) == []
+
+
+def test_wrong_input_is_refused_against_gcp_storage_emulator(gcp_emulator, emu_env, tmp_path):
+    data = os.urandom(4 * CHUNK + 7)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    proc, _ = put_and_hold(emu_env, "wrong", src, 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    entry = only_session(emu_env)
+    other = tmp_path / "other.bin"
+    flipped = random.Random(7).randrange(2 * CHUNK)
+    other.write_bytes(data[:flipped] + bytes([data[flipped] ^ 1]) + data[flipped + 1 :])
+    rc, _, err = finish(gcs(f"resume {entry['id']} -", emu_env, other))
+    assert rc == 3, err
+    assert err.startswith("gcsstream: error: ") and err.count("\n") == 1
+    assert not gcp_emulator.has_object(BUCKET, "wrong")
+    assert only_session(emu_env)["id"] == entry["id"]
+    assert held_by_service(emu_env, entry["id"]) == 2 * CHUNK
+    rc, _, err = finish(gcs(f"resume {entry['id']} -", emu_env, src))
+    assert rc == 0, err
+    assert_stored(gcp_emulator, BUCKET, "wrong", data)
+    assert journals(emu_env) == []
+
+
+def test_resume_of_a_session_holding_nothing_against_gcp_storage_emulator(
+    gcp_emulator, emu_env, tmp_path, state_dir
+):
+    data = os.urandom(2 * CHUNK + 9)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    state_dir.mkdir(mode=0o700, parents=True)
+    with DirWatch(state_dir, DirWatch.IN_MOVED_TO) as watch:
+        # Nothing to read yet: gcsstream starts the session, journals it (a rename), and waits.
+        proc = spawn(
+            ["gcsstream", "put", "--chunk-size", str(CHUNK), "-", f"gs://{BUCKET}/empty"],
+            emu_env,
+            stdin=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        while not any(n.endswith(".json") for n in watch.wait(60)):
+            assert proc.poll() is None, "gcsstream ended before it journaled the session"
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    entry = only_session(emu_env)
+    assert entry["held"] == 0
+    rc, _, err = finish(gcs(f"resume {entry['id']} -", emu_env, src))
+    assert rc == 0, err
+    assert_stored(gcp_emulator, BUCKET, "empty", data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-_OUTCOMES = {"whole": 0, "resumable": 0, "faults": 0}
+_OUTCOMES = {"whole": 0, "resumed": 0, "faults": 0}
 
 
 @pytest.fixture(scope="session")
@@ -13,8 +13,8 @@ def soak_outcomes() -> dict[str, int]:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if _OUTCOMES["whole"] or _OUTCOMES["resumable"]:
+    if _OUTCOMES["whole"] or _OUTCOMES["resumed"]:
         terminalreporter.write_line(
-            f"soak: {_OUTCOMES['whole']} whole objects, {_OUTCOMES['resumable']} resumable failures "
-            f"(exit 75, session open), {_OUTCOMES['faults']} faults injected"
+            f"soak: {_OUTCOMES['whole']} whole objects at once, {_OUTCOMES['resumed']} whole after "
+            f"exit 75 and gcsstream resume, {_OUTCOMES['faults']} faults injected"
         )
