@@ -430,6 +430,7 @@ class RequestRecord:
     range_header: str | None = None  # the request's ``Range`` header as sent (downloads)
     range_start: int | None = None  # download: first object byte served (0 without a Range)
     bytes_sent: int | None = None  # download: response body bytes handed to the socket
+    fired_at: int | None = None  # body byte at which a stall or reset fault took hold
 
 
 @dataclass(frozen=True)
@@ -668,8 +669,16 @@ class _Body:
 class _Pacer:
     """Applies stall / reset / trickle faults at byte positions of a body being moved."""
 
-    def __init__(self, fault: Fault | None, stop: threading.Event, body_len: int, download: bool = False):
+    def __init__(
+        self,
+        fault: Fault | None,
+        stop: threading.Event,
+        body_len: int,
+        download: bool = False,
+        on_fire: Callable[[int], None] | None = None,
+    ):
         self.stop = stop
+        self.on_fire = on_fire  # told the body position when a stall or reset takes hold
         self.pos = 0
         self.trigger_at: int | None = None
         self.trigger_kind: str | None = None
@@ -702,6 +711,8 @@ class _Pacer:
 
     def _fire(self) -> None:
         self.triggered = True
+        if self.on_fire is not None:
+            self.on_fire(self.pos)
         if self.trigger_kind == "reset":
             raise _Reset()
         if self.trigger_kind == "stall":
@@ -909,6 +920,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             if struct.unpack("i", raw)[0] <= 0 or self.gcs._stop.wait(0.002):
                 return
+
+    def _fired(self, position: int) -> None:
+        self.gcs._fired(self.rec, position)
 
     def _send(
         self,
@@ -1242,7 +1256,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 headers.append(("Content-Disposition", res["contentDisposition"]))
             if status == 206:
                 headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
-            pacer = _Pacer(fault, self.gcs._stop, count, download=True)
+            pacer = _Pacer(fault, self.gcs._stop, count, download=True, on_fire=self._fired)
             pacer.head()
             self._send(status, b"", headers, res["contentType"], length=count)
             if self.command == "HEAD" or count == 0:
@@ -1563,7 +1577,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             )
 
         if first is None:  # status query, or finalize with no body
-            pacer = _Pacer(fault, self.gcs._stop, 0)
+            pacer = _Pacer(fault, self.gcs._stop, 0, on_fire=self._fired)
             self._drain()
             pacer.finish()
             with sess.lock:
@@ -1609,7 +1623,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             keep = _floor_q(min(fault.persist or 0, new_len if kind == "chunk" else max(new_len - 1, 0)))
         elif fk == "reset" and fault.persist is not None:
             keep = _floor_q(min(fault.persist, new_len))
-        pacer = _Pacer(fault, self.gcs._stop, chunk_len)
+        pacer = _Pacer(fault, self.gcs._stop, chunk_len, on_fire=self._fired)
         mv = _thread_buffer()
         body = self.body
         reset_hit = False
@@ -2198,6 +2212,11 @@ class GcsTestServer:
             self._log.append(rec)
             self._log_cond.notify_all()
             return rec
+
+    def _fired(self, rec: RequestRecord, position: int) -> None:
+        with self._log_cond:
+            rec.fired_at = position
+            self._log_cond.notify_all()
 
     def _finish_record(self, rec: RequestRecord) -> None:
         with self._log_cond:

@@ -25,7 +25,6 @@ import google_crc32c
 import pytest
 
 from gcsstream.options import parse_size
-from tests import gcs_test_server
 from tests.conftest import assert_stored
 from tests.emulators import start_gcp_storage_emulator
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
@@ -81,30 +80,18 @@ def env(server, gcsstream_exe, state_dir):
 
 
 @pytest.fixture
-def stalls(monkeypatch):
+def stalls(server):
     """``wait(n)``: block until the n-th stall fault of the test server has taken hold; returns
-    the byte of the request body it holds at.
-
-    The server logs a request when it starts and counts its bytes when it ends, so nothing public
-    tells when a body has reached a given byte. This wraps the (in-process) fault pacer's trigger
-    to learn it the moment it happens."""
-    reached: list[int] = []
-    cond = threading.Condition()
-    fire = gcs_test_server._Pacer._fire
-
-    def noting_fire(pacer) -> None:
-        if pacer.trigger_kind == "stall":
-            with cond:
-                reached.append(pacer.pos)
-                cond.notify_all()
-        fire(pacer)
-
-    monkeypatch.setattr(gcs_test_server._Pacer, "_fire", noting_fire)
+    the byte of the request body it holds at (the server records it as ``fired_at``)."""
 
     def wait(n: int, timeout: float = 120) -> int:
-        with cond:
-            assert cond.wait_for(lambda: len(reached) >= n, timeout), f"stall {n} never reached"
-            return reached[n - 1]
+        def nth_stall_fired(record) -> bool:
+            fired = [r for r in server.requests if r.fault == "stall" and r.fired_at is not None]
+            return len(fired) >= n
+
+        server.wait_for_request(nth_stall_fired, timeout)
+        fired = [r for r in server.requests if r.fault == "stall" and r.fired_at is not None]
+        return fired[n - 1].fired_at
 
     return wait
 

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import google_crc32c
 import pytest
 import requests
+import urllib3
 
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 
@@ -521,6 +522,31 @@ def test_fault_stall_mid_chunk_then_client_gives_up(srv, http):
     with pytest.raises((requests.Timeout, requests.ConnectionError)):
         put(http, uri, os.urandom(64 * Q), 0, timeout=0.3)
     assert status(requests, uri).status_code == 308
+
+
+def test_a_fired_fault_records_where_it_took_hold(srv, http):
+    srv.faults.add(Fault(kind="stall", on="chunk", after_bytes=Q + 5, seconds=30))
+    uri = initiate(srv, http, "o")
+    with pytest.raises((requests.Timeout, requests.ConnectionError)):
+        put(http, uri, os.urandom(4 * Q), 0, timeout=0.5)
+    rec = srv.wait_for_request(lambda r: r.fault == "stall" and r.fired_at is not None)
+    assert rec.fired_at == Q + 5
+
+
+def test_a_flushed_download_reset_delivers_exactly_the_bytes_before_it(srv):
+    data = os.urandom(3 * Q + 7)
+    srv.put_object(BUCKET, "o", data)
+    srv.faults.add(Fault(kind="reset", on="download", after_bytes=Q + 5, flush=True))
+    got = bytearray()
+    with (
+        requests.get(media_url(srv, "o"), stream=True, timeout=10) as response,
+        pytest.raises(urllib3.exceptions.ProtocolError),  # the reset, after the bytes before it
+    ):
+        while piece := response.raw.read1(65536):
+            got += piece
+    assert bytes(got) == data[: Q + 5]
+    rec = srv.wait_for_request(lambda r: r.fault == "reset" and r.done)
+    assert rec.fired_at == Q + 5 and rec.bytes_sent == Q + 5
 
 
 def test_fault_partial(srv, http):
