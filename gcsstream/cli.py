@@ -434,7 +434,7 @@ def resume(
         credentials_file=credentials,
         user_project=project,
         io_timeout=io_timeout,
-        anonymous=entry is None and credentials is None,
+        anonymous=(entry is None or _is_session_uri(upload)) and credentials is None,
         rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
         state = ProgressState(str(destination), source.size)
@@ -575,7 +575,7 @@ def status(
         _log_http()
     journal = Journal()
     entry, session_uri, destination, _ = _find_upload(journal, upload)
-    with _transport_for(entry, session_uri, credentials) as transport:
+    with _transport_for(entry, session_uri, credentials, by_uri=_is_session_uri(upload)) as transport:
         state = Uploader(transport).session_status(session_uri, destination)
     name = entry.id if entry else "session"
     if isinstance(state, int):
@@ -615,7 +615,7 @@ def abort(
         _log_http()
     journal = Journal()
     entry, session_uri, destination, _ = _find_upload(journal, upload)
-    with _transport_for(entry, session_uri, credentials) as transport:
+    with _transport_for(entry, session_uri, credentials, by_uri=_is_session_uri(upload)) as transport:
         known = Uploader(transport).cancel(session_uri, destination)
     if entry is not None:
         journal.remove(entry.id)
@@ -668,7 +668,7 @@ def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
 
 def _find_upload(journal: Journal, upload: str) -> tuple[JournalEntry | None, str, ObjectURL, str]:
     """The journal entry (if any), session URI, destination and checksum mode of an upload."""
-    if upload.startswith(("http://", "https://")):
+    if _is_session_uri(upload):
         # A URI of one of our own uploads: use its journal (the prefix check, the destination,
         # and forgetting it once done).
         entry = next((e for e in journal.entries() if e.session_uri == upload), None)
@@ -696,10 +696,18 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _transport_for(entry: JournalEntry | None, session_uri: str, credentials: str | None) -> Transport:
+def _is_session_uri(upload: str) -> bool:
+    return upload.startswith(("http://", "https://"))
+
+
+def _transport_for(
+    entry: JournalEntry | None, session_uri: str, credentials: str | None, *, by_uri: bool = False
+) -> Transport:
+    """A transport for a session's requests. Given by its URI (``by_uri``), a session needs no
+    Google credentials unless --credentials names some: the URI is its own credential."""
     endpoint = entry.endpoint if entry else _origin(session_uri)
     return Transport.connect(
-        endpoint, credentials_file=credentials, anonymous=entry is None and credentials is None
+        endpoint, credentials_file=credentials, anonymous=(entry is None or by_uri) and credentials is None
     )
 
 

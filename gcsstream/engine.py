@@ -252,7 +252,7 @@ class Uploader:
     ) -> int:
         """Ask an existing session what it holds; skip that much of the input, checking it."""
         response = self._retrying(lambda _: self._send(session.prepare_status(), destination))
-        held = session.process_resume_status(response)
+        held = session.process_resume_status(response, resume.verify[0] if resume.verify else 0)
         if held is None:  # it had finished: check the whole input against the object
             held = int(json.loads(response.content).get("size", 0))
             window.begin_at(held, verify=resume.verify)

@@ -104,12 +104,17 @@ class Journal:
             ) from None
 
     def _sync_directory(self) -> None:
-        """Make the rename itself durable, so that a power loss cannot bring back an older journal."""
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Make the rename durable, so that a power loss cannot bring back an older journal.
+
+        Best effort: some network and FUSE file systems refuse to sync a directory, and the
+        rename has happened anyway (the journal is then as durable as that file system allows).
+        """
+        with contextlib.suppress(OSError):
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def remove(self, entry_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

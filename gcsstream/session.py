@@ -53,10 +53,14 @@ def status_request(session_uri: str) -> Request:
     return "PUT", session_uri, None, {"content-range": "bytes */*"}
 
 
-def held_bytes(response: requests.Response) -> int | None:
-    """From a status query's answer: the bytes the session holds, or None if it has finished.
+def held_bytes(response: requests.Response, floor: int = 0) -> int | None:
+    """From a status query's answer: where to continue, or None if the upload has finished.
 
-    Rounded down to whole 256 KiB units (see ``whole_units``).
+    That is the bytes the session holds, in whole 256 KiB units but never below ``floor`` (what
+    was already confirmed): the service persists whole units until the end and ignores bytes
+    sent again, so this changes nothing there; gcp-storage-emulator answers an empty session with
+    ``bytes=0-0``, which taken literally skips a byte it does not hold (and it then refuses).
+    A count below ``floor`` is returned as it is, for the caller to refuse.
     """
     if response.status_code in (200, 201):
         return None
@@ -66,17 +70,8 @@ def held_bytes(response: requests.Response) -> int | None:
     match = _RANGE.match(value.strip()) if value else None
     if value and not match:
         raise IntegrityError(f"unexpected Range {value!r} in the answer to a status query")
-    return whole_units(int(match.group(1)) + 1) if match else 0  # no Range: nothing held yet
-
-
-def whole_units(held: int) -> int:
-    """Where to continue an unfinished session that reports ``held`` bytes: a multiple of 256 KiB.
-
-    The service persists whole 256 KiB units until the end, so this changes nothing there, and
-    it ignores bytes sent again. gcp-storage-emulator answers an empty session with
-    ``bytes=0-0``, which taken literally skips a byte it does not hold (and it then refuses).
-    """
-    return held // CHUNK_QUANTUM * CHUNK_QUANTUM
+    held = int(match.group(1)) + 1 if match else 0  # no Range: nothing held yet
+    return held if held <= floor else max(floor, held // CHUNK_QUANTUM * CHUNK_QUANTUM)
 
 
 def is_final_range(content_range: str) -> bool:
@@ -128,9 +123,10 @@ class ResumableSession(ResumableUpload):
         self._content_type = content_type
         self._total_bytes = total
 
-    def process_resume_status(self, response: requests.Response) -> int | None:
-        """The bytes an attached session holds, or None when the upload already finished."""
-        held = held_bytes(response)
+    def process_resume_status(self, response: requests.Response, confirmed: int = 0) -> int | None:
+        """Where an attached session continues (see ``held_bytes``; ``confirmed`` is what the
+        journal recorded), or None when the upload already finished."""
+        held = held_bytes(response, confirmed)
         if held is not None:
             self._bytes_uploaded = self._sent_end = held
         return held
@@ -193,12 +189,14 @@ class ResumableSession(ResumableUpload):
             self._validate_checksum(response)
             self._bytes_uploaded = int(self.resource["size"]) if self.resource else 0
             return
-        self._process_recover_response(response)  # seeks the window to the persisted offset
+        # The base's _process_recover_response, but in whole units above what was confirmed (a
+        # chunk's own 308 may have confirmed an odd offset): see ``held_bytes``.
+        resend_from = held_bytes(response, self._window.confirmed[0])
+        assert resend_from is not None  # 200/201 handled above
+        self._bytes_uploaded = resend_from
         self._check_not_beyond_sent()
-        floor = self._window.confirmed[0]  # a chunk's own 308 may have confirmed an odd offset
-        resend_from = max(floor, whole_units(self._bytes_uploaded))
-        if resend_from != self._bytes_uploaded:
-            self._bytes_uploaded = self._window.seek(resend_from)
+        self._window.seek(resend_from)
+        self._invalid = False
 
     def _check_not_beyond_sent(self) -> None:
         """A Range past the bytes sent would release (and journal) bytes the service never saw."""

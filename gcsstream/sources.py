@@ -55,10 +55,15 @@ class StreamSource:
             while (data := self._stream.read(n)) is None:
                 # A non-blocking descriptor (inherited from a parent) with nothing ready yet:
                 # that is not the end of input, so wait for it rather than finalize early.
-                select.select([self._stream], [], [])
+                self._wait_readable()
             return data
         except OSError as exc:
             raise SourceError(f"reading {self.description} failed: {exc.strerror or exc}") from exc
+
+    def _wait_readable(self) -> None:
+        poll = select.poll()  # not select(): it fails for descriptors above 1023
+        poll.register(self._stream.fileno(), select.POLLIN)
+        poll.poll()
 
     def finish(self) -> None:
         pass
@@ -126,6 +131,9 @@ class ProducerSource(StreamSource):
                 self._process.wait()
 
 
+_END = object()
+
+
 class IterableSource:
     """An iterable of bytes-like pieces of any sizes, regrouped into reads of ``n`` bytes.
 
@@ -145,9 +153,11 @@ class IterableSource:
         have = 0
         while have < n:
             if self._used == len(self._piece):
-                piece = next(self._pieces, None)
-                if piece is None:
+                piece = next(self._pieces, _END)
+                if piece is _END:
                     break
+                if not piece:  # b"", or None from a non-blocking read: nothing yet, not the end
+                    continue
                 # bytes are kept as they are; a caller may reuse a bytearray, so copy that
                 self._piece, self._used = (piece if isinstance(piece, bytes) else bytes(piece)), 0
                 continue

@@ -69,14 +69,19 @@ def server(tmp_path):
             _reap()  # before the server stops, so that no client is left retrying against it
 
 
-@pytest.fixture
-def env(server, gcsstream_exe, state_dir):
+def gcsstream_env(endpoint: str, gcsstream_exe: str, state_dir: Path) -> dict[str, str]:
+    """The environment of a gcsstream run against ``endpoint`` with its own state directory."""
     return {
         **os.environ,
-        "STORAGE_EMULATOR_HOST": server.url,
+        "STORAGE_EMULATOR_HOST": endpoint,
         "PATH": f"{Path(gcsstream_exe).parent}:{os.environ['PATH']}",
         "GCSSTREAM_STATE_DIR": str(state_dir),
     }
+
+
+@pytest.fixture
+def env(server, gcsstream_exe, state_dir):
+    return gcsstream_env(server.url, gcsstream_exe, state_dir)
 
 
 @pytest.fixture
@@ -658,12 +663,7 @@ def gcp_emulator(tmp_path_factory):
 
 @pytest.fixture
 def emu_env(gcp_emulator, gcsstream_exe, state_dir):
-    return {
-        **os.environ,
-        "STORAGE_EMULATOR_HOST": gcp_emulator.url,
-        "PATH": f"{Path(gcsstream_exe).parent}:{os.environ['PATH']}",
-        "GCSSTREAM_STATE_DIR": str(state_dir),
-    }
+    return gcsstream_env(gcp_emulator.url, gcsstream_exe, state_dir)
 
 
 def put_and_hold(env: dict[str, str], name: str, src: Path, chunks: int) -> tuple[subprocess.Popen, Lines]:

@@ -541,3 +541,20 @@ def test_a_status_of_bytes_0_0_on_an_empty_session_resends_from_the_start():
     service.fail("status", lambda call, session: response(308, headers={"Range": "bytes=0-0"}))
     result, _ = run(service, data)
     assert stored(service) == data and result.crc32c == crc32c_b64(data)
+
+
+def test_an_empty_input_whose_status_says_bytes_0_0_still_finishes():
+    service = FakeService()
+    service.fail("chunk", 503)  # the one request, "bytes */0", fails
+    service.fail("status", lambda call, session: response(308, headers={"Range": "bytes=0-0"}))
+    result, _ = run(service, b"")
+    assert stored(service) == b"" and result.size == 0
+
+
+def test_iterable_source_takes_none_and_empty_pieces_for_nothing_yet():
+    """A non-blocking file read yields None when nothing is ready: that is not the end."""
+    pieces = [b"a" * CHUNK, None, b"", b"b" * 10]
+    source = IterableSource(pieces)
+    assert source.read(CHUNK) == b"a" * CHUNK
+    assert source.read(CHUNK) == b"b" * 10
+    assert source.read(CHUNK) == b""

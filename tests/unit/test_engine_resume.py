@@ -150,3 +150,23 @@ def test_resume_of_a_file_when_the_service_holds_every_byte_but_never_finalized(
     assert final.size == 0 and final.headers["content-range"] == f"bytes */{len(data)}"
     crc = base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
     assert final.headers["X-Goog-Hash"] == f"crc32c={crc}"
+
+
+def test_resume_when_the_journal_recorded_an_offset_between_256_kib_units():
+    """A server that confirms odd offsets (the service does not, emulators may): the journal's
+    offset is kept, not rounded below what was confirmed."""
+    data = os.urandom(5 * CHUNK + 3)
+    service = FakeService()
+    service.fail("chunk", ("keep", CHUNK + 100), *([503] * 1000))
+    recorder = Recorder()
+    with pytest.raises(TransientError):
+        uploader(service, chunk_size=2 * CHUNK).upload(IterableSource([data]), DEST, recorder=recorder)
+    service._faults.clear()
+    session_uri, (_, offset, crc) = recorder.log[0][1], recorder.log[-1]
+    assert offset == CHUNK + 100
+    calls_before = len(service.calls)
+    uploader(service, chunk_size=2 * CHUNK).upload(
+        IterableSource([data]), DEST, resume=Resume(session_uri, verify=(offset, crc))
+    )
+    assert stored(service) == data
+    assert sum(c.size for c in service.calls[calls_before:]) == len(data) - offset
