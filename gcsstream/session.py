@@ -9,7 +9,10 @@ subclass adds what the real service needs and the base lacks (see shared PROTOCO
   state" here);
 - the final request carries ``X-Goog-Hash`` so the service refuses a corrupted object;
 - the returned object is checked for size, CRC32C and MD5 (any mismatch: ``IntegrityError``);
-- a status query that finds the upload finished (200/201) completes it.
+- a status query that finds the upload finished (200/201) completes it;
+- a Range beyond the bytes sent is an integrity error; held counts from status queries are taken
+  in whole 256 KiB units (``held_bytes``); after a short Range one shorter chunk realigns the
+  rest with the window's buffers (no copies).
 
 The stream is a ``ChunkWindow``; the engine sends what this class prepares.
 """
