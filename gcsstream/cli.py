@@ -153,6 +153,12 @@ ProgressIntervalOpt = Annotated[
 ]
 RetryInitialDelayOpt = Annotated[float, typer.Option(hidden=True)]
 IoTimeoutOpt = Annotated[float, typer.Option(hidden=True)]
+UploadArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="ID|SESSION_URI", help="An upload id (see `gcsstream sessions`) or a session URI."
+    ),
+]
 LimitRateOpt = Annotated[
     str | None,
     typer.Option(
@@ -560,12 +566,7 @@ def sessions(
 
 @app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def status(
-    upload: Annotated[
-        str,
-        typer.Argument(
-            metavar="ID|SESSION_URI", help="An upload id (see `gcsstream sessions`) or a session URI."
-        ),
-    ],
+    upload: UploadArg,
     credentials: CredentialsOpt = None,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
@@ -601,12 +602,7 @@ def status(
 
 @app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def abort(
-    upload: Annotated[
-        str,
-        typer.Argument(
-            metavar="ID|SESSION_URI", help="An upload id (see `gcsstream sessions`) or a session URI."
-        ),
-    ],
+    upload: UploadArg,
     credentials: CredentialsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
