@@ -20,7 +20,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from gcsstream.errors import GcsstreamError, SourceError, UsageError
 
@@ -124,7 +124,8 @@ class ProducerSource(StreamSource):
         except OSError as exc:
             raise UsageError(f"cannot run {command!r}: {exc.strerror or exc}") from None
         assert self._process.stdout is not None
-        super().__init__(self._process.stdout, f"the producer {command!r}", close=True)
+        stdout = cast(BinaryIO, self._process.stdout)
+        super().__init__(stdout, f"the producer {command!r}", close=True)
         self._stop_lock = threading.Lock()
         self._stopped = False
         atexit.register(self._stop_at_exit)  # the reader thread may never get to close()

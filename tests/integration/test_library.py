@@ -212,14 +212,27 @@ def test_writer_memory_is_bounded_by_backpressure(server, opts):
     assert threading.active_count() < 20
 
 
-def test_discarded_writer_cancels_its_session(server, opts):
+@pytest.mark.parametrize("api", ["open_upload", "aio"])
+def test_discarded_writer_cancels_its_session(server, opts, api):
     """A writer dropped without close() is garbage: its finalizer cancels the session (the engine
     thread does not keep the writer alive), and no object is created."""
-    up = gcsstream.open_upload(f"gs://{BUCKET}/dropped", **opts)
-    for _ in range(3):  # past the writer's budget: the session exists and chunks have gone out
-        up.write(os.urandom(CHUNK))
-    del up
-    gc.collect()
+    url = f"gs://{BUCKET}/dropped"
+    if api == "open_upload":
+        up = gcsstream.open_upload(url, **opts)
+        for _ in range(3):  # past the writer's budget: the session exists and chunks have gone out
+            up.write(os.urandom(CHUNK))
+        del up
+        gc.collect()
+    else:
+
+        async def main():
+            up = await gcsstream.aio.open_upload(url, **opts)
+            for _ in range(3):
+                await up.write(os.urandom(CHUNK))
+            del up
+            gc.collect()
+
+        asyncio.run(main())
     server.wait_for_request(lambda r: r.kind == "cancel", 30)
     assert [s.cancelled for s in server.sessions()] == [True]
     assert server.object_resource(BUCKET, "dropped") is None
