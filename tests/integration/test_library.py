@@ -231,6 +231,8 @@ def test_discarded_writer_cancels_its_session(server, opts, api):
                 await up.write(os.urandom(CHUNK))
             del up
             gc.collect()
+            # while the loop still runs: its closing must not be what ends the upload
+            await asyncio.to_thread(server.wait_for_request, lambda r: r.kind == "cancel", 30)
 
         asyncio.run(main())
     server.wait_for_request(lambda r: r.kind == "cancel", 30)
