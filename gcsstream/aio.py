@@ -14,6 +14,8 @@ fast producer waits and memory stays near two chunks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from collections.abc import AsyncIterable, Generator
 from typing import Any
 
@@ -29,7 +31,9 @@ class AsyncObjectWriter:
         self._writer = writer
         self._loop = asyncio.get_running_loop()
         self._space = asyncio.Event()
-        writer._source.on_space = lambda: self._loop.call_soon_threadsafe(self._space.set)
+        # Only the loop and the event: the engine thread holds the source, and a reference to
+        # this writer from there would keep a discarded writer alive (and its session open).
+        writer._source.on_space = functools.partial(_wake, self._loop, self._space)
 
     @property
     def session_uri(self) -> str | None:
@@ -70,6 +74,12 @@ class AsyncObjectWriter:
             await self.abort(exc)
         else:
             await self.close()
+
+
+def _wake(loop: asyncio.AbstractEventLoop, space: asyncio.Event) -> None:
+    """Tell a writer waiting for space (from the engine's thread)."""
+    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+        loop.call_soon_threadsafe(space.set)
 
 
 class _Opening:

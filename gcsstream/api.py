@@ -12,6 +12,7 @@ import inspect
 import io
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from typing import Any, BinaryIO
 
 from google.auth import credentials as auth_credentials
 
-from gcsstream.engine import Resume, Uploader, UploadResult
+from gcsstream.engine import Resume, SessionRecorder, Uploader, UploadResult
 from gcsstream.errors import GcsstreamError, SourceError, UsageError
 from gcsstream.events import EventCallback
 from gcsstream.options import (
@@ -94,32 +95,92 @@ def _plan(url: str, **options: Any) -> _Plan:
     return _Plan(parse_gs_url(url), upload_options, object_metadata, transport, o.progress, resume)
 
 
+class _Upload:
+    """What a writer and its engine thread share; the thread holds this, never the writer.
+
+    So a writer dropped without ``close()`` becomes garbage, and its finalizer cancels the upload.
+    It is the engine's ``SessionRecorder`` (passing each call on to ``inner``, if any).
+    """
+
+    def __init__(self, inner: SessionRecorder | None = None) -> None:
+        self.inner = inner
+        self.session_uri: str | None = None
+        self.open = False  # the session exists and has neither completed nor been cancelled
+        self.outcome: UploadResult | BaseException | None = None
+
+    def started(self, session_uri: str) -> None:
+        self.session_uri, self.open = session_uri, True
+        if self.inner is not None:
+            self.inner.started(session_uri)
+
+    def persisted(self, offset: int, crc32c: int) -> None:
+        if self.inner is not None:
+            self.inner.persisted(offset, crc32c)
+
+    def finished(self) -> None:
+        self.open = False
+        if self.inner is not None:
+            self.inner.finished()
+
+    def run(self, plan: _Plan, source: ChunkSource) -> UploadResult:
+        """Run the upload; an error it ends with names the session it left open (``session_uri``)."""
+        try:
+            return plan.uploader().upload(
+                source, plan.destination, plan.metadata, recorder=self, resume=plan.resume
+            )
+        except GcsstreamError as exc:
+            if self.open and exc.session_uri is None:
+                exc.session_uri = self.session_uri
+            raise
+
+
+def _run_writer(plan: _Plan, source: WriterSource, upload: _Upload) -> None:
+    """The engine thread of an ``ObjectWriter``."""
+    try:
+        upload.outcome = upload.run(plan, source)
+    except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread
+        upload.outcome = exc
+        source.fail(exc)
+    finally:
+        plan.transport.close()
+
+
+def _discarded(source: WriterSource) -> None:
+    """A writer was garbage-collected without ``close()``: cancel its upload, never finalize it."""
+    source.fail(SourceError("the writer was discarded without close()"))
+
+
 class ObjectWriter(io.BufferedIOBase):
     """A writable binary file whose bytes become one Cloud Storage object.
 
     ``close()`` finalizes the upload and returns once the object exists and its checksums match
     (``result`` then holds it); an exception inside a ``with`` block cancels the upload, and no
-    object is created. Works with ``shutil.copyfileobj`` and ``tarfile.open(fileobj=w, mode="w|")``.
+    object is created; so does dropping the writer without ``close()``. Works with
+    ``shutil.copyfileobj`` and ``tarfile.open(fileobj=w, mode="w|")``.
     """
 
     def __init__(self, plan: _Plan) -> None:
         super().__init__()
         self._plan = plan
         self._source = WriterSource(min(plan.options.chunk_size, WRITER_BUDGET))
-        self._outcome: UploadResult | BaseException | None = None
-        self._session_uri: str | None = None
-        self._thread = threading.Thread(target=self._run, name="gcsstream-upload", daemon=True)
+        self._upload = _Upload()
+        self._thread = threading.Thread(
+            target=_run_writer, args=(plan, self._source, self._upload), name="gcsstream-upload", daemon=True
+        )
+        self._finalizer = weakref.finalize(self, _discarded, self._source)
+        self._finalizer.atexit = False  # at exit the engine thread stops with the interpreter
         self._thread.start()
 
     @property
     def session_uri(self) -> str | None:
         """The resumable session's URI once it exists: a credential, so keep it secret."""
-        return self._session_uri
+        return self._upload.session_uri
 
     @property
     def result(self) -> UploadResult | None:
         """The finished object, after a successful ``close()``."""
-        return self._outcome if isinstance(self._outcome, UploadResult) else None
+        outcome = self._upload.outcome
+        return outcome if isinstance(outcome, UploadResult) else None
 
     def writable(self) -> bool:
         return True
@@ -136,20 +197,20 @@ class ObjectWriter(io.BufferedIOBase):
         if self.closed:
             return
         super().close()
+        self._finalizer.detach()
         self._source.end()
         self._thread.join()
-        self._plan.transport.close()
-        if isinstance(self._outcome, BaseException):
-            raise self._outcome
+        if isinstance(self._upload.outcome, BaseException):
+            raise self._upload.outcome
 
     def abort(self, reason: BaseException | None = None) -> None:
         """Cancel the upload: the session is cancelled and no object is created."""
         if self.closed:
             return
         super().close()
+        self._finalizer.detach()
         self._source.fail(reason or SourceError("the upload was aborted"))
         self._thread.join()
-        self._plan.transport.close()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc is not None:
@@ -159,29 +220,8 @@ class ObjectWriter(io.BufferedIOBase):
 
     def __del__(self) -> None:
         # IOBase would close(), i.e. finalize, a writer that was dropped mid-way: never do that.
-        if not self.closed:
-            self._source.fail(SourceError("the writer was discarded without close()"))
-
-    # the engine's thread ---------------------------------------------------------------------
-
-    def started(self, session_uri: str) -> None:
-        self._session_uri = session_uri
-
-    def persisted(self, offset: int, crc32c: int) -> None:
+        # The finalizer (``_discarded``) cancels it instead.
         pass
-
-    def finished(self) -> None:
-        pass
-
-    def _run(self) -> None:
-        plan = self._plan
-        try:
-            self._outcome = plan.uploader().upload(
-                self._source, plan.destination, plan.metadata, recorder=self, resume=plan.resume
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread
-            self._outcome = exc
-            self._source.fail(exc)
 
 
 def open_upload(
@@ -245,7 +285,7 @@ def upload(
     """
     plan = _plan(url, **options)
     try:
-        return plan.uploader().upload(_source(source), plan.destination, plan.metadata, resume=plan.resume)
+        return _Upload().run(plan, _source(source))
     finally:
         plan.transport.close()
 

@@ -23,6 +23,7 @@ from gcsstream.download import Downloader, parse_range
 from gcsstream.engine import Resume, Uploader, UploadResult
 from gcsstream.errors import (
     GcsstreamError,
+    HungUp,
     Interrupted,
     NotFoundError,
     PrefixMismatch,
@@ -52,8 +53,8 @@ EXIT_CODES = """\
 Exit codes: 0 success; 2 usage error; 3 integrity mismatch (or the wrong input given to
 resume); 4 authentication or permission (401/403, no credentials); 5 bucket, object or session
 not found; 6 precondition failed (412, --no-clobber); 75 transient failure after retries
-(session left open: resume it); 130 interrupted (SIGINT); 143 terminated (SIGTERM); 1 anything
-else."""
+(session left open: resume it); 129 hung up (SIGHUP); 130 interrupted (SIGINT); 143 terminated
+(SIGTERM); 1 anything else."""
 
 PUT_EXAMPLES = """\
 Examples:
@@ -746,8 +747,9 @@ def _resumable(recorder: JournalRecorder | None, run: Callable[[], T]) -> T:
         return run()
     except KeyboardInterrupt:
         raise Interrupted(_stopped("interrupted", recorder)) from None
-    except _SigTerm:
-        raise Terminated(_stopped("terminated", recorder)) from None
+    except _SigTerm as stop:
+        error, word = _STOPPED_BY[stop.signum]
+        raise error(_stopped(word, recorder)) from None
     except TransientError as exc:
         raise TransientError(_stopped(str(exc), recorder)) from None
 
@@ -781,20 +783,32 @@ def _log_http() -> None:
 
 
 class _SigTerm(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
-    """Raised in the main thread on SIGTERM, so that an upload stops as cleanly as on Ctrl-C."""
+    """Raised in the main thread on SIGTERM or SIGHUP, so that an upload stops as cleanly as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: The error and the word for an upload stopped by each signal that ``_SigTerm`` stands for.
+_STOPPED_BY: dict[int, tuple[type[Interrupted], str]] = {
+    signal.SIGTERM: (Terminated, "terminated"),
+    signal.SIGHUP: (HungUp, "hung up"),
+}
 
 
 def _raise_sigterm(signum: int, frame: object) -> None:
-    raise _SigTerm
+    raise _SigTerm(signum)
 
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _raise_sigterm)
+    previous = {signum: signal.signal(signum, _raise_sigterm) for signum in _STOPPED_BY}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _fail(message: str, code: int, debug: bool) -> NoReturn:
@@ -819,8 +833,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()} (see '{where} --help')", UsageError.exit_code, debug)
     except KeyboardInterrupt:
         _fail("interrupted", Interrupted.exit_code, debug)
-    except _SigTerm:
-        _fail("terminated", Terminated.exit_code, debug)
+    except _SigTerm as stop:
+        error, word = _STOPPED_BY[stop.signum]
+        _fail(word, error.exit_code, debug)
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(1)

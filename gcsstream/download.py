@@ -22,9 +22,15 @@ import google_crc32c
 import requests
 
 from gcsstream.checksums import encode_crc32c
-from gcsstream.errors import IntegrityError, NotFoundError, TransientError, UsageError, error_for_status
+from gcsstream.errors import (
+    IntegrityError,
+    NotFoundError,
+    TransientError,
+    UsageError,
+    error_for_status,
+    service_message,
+)
 from gcsstream.options import ObjectURL, UploadOptions
-from gcsstream.redact import redact
 from gcsstream.retry import (
     RETRYABLE_EXCEPTIONS,
     RETRYABLE_STATUSES,
@@ -182,7 +188,7 @@ class Downloader:
         if response.status_code >= 400:
             raise error_for_status(
                 response.status_code,
-                f"{response.status_code} reading {_name_of(url)}: {redact(response.text[:200])}",
+                f"{response.status_code} reading {_name_of(url)}: {service_message(response)}",
             )
         return response
 

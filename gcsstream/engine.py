@@ -32,6 +32,8 @@ from gcsstream.errors import (
     SourceError,
     TransientError,
     error_for_status,
+    is_hash_mismatch,
+    service_message,
 )
 from gcsstream.events import (
     ChunkPersisted,
@@ -322,11 +324,15 @@ class Uploader:
     def _error_for(
         self, response: requests.Response, method: str, headers: dict[str, str], destination: ObjectURL
     ) -> GcsstreamError:
+        """The typed error for a final answer, worded after what the request was and asked for."""
         status = response.status_code
         message = service_message(response)
         initiating = method == "POST"
-        if status == 400 and "X-Goog-Hash" in headers:
+        if status == 400 and "X-Goog-Hash" in headers and is_hash_mismatch(message):
             return IntegrityError(f"the service refused {destination}: {message} (no object was created)")
+        if status == 400:
+            what = "starting the upload of" if initiating else "a request of the upload to"
+            return ServiceError(f"the service refused {what} {destination} (400): {message}")
         if status == 404 and initiating:
             return NotFoundError(f"bucket gs://{destination.bucket} not found ({message})")
         if status in (404, 410):
@@ -335,6 +341,11 @@ class Uploader:
             match = self._options.if_generation_match
             if match == 0:
                 return PreconditionError(f"{destination} already exists (no-clobber)")
+            if match is None:
+                return PreconditionError(
+                    f"the service answered 412 (precondition failed) for {destination}, though no "
+                    f"precondition was given: {message}"
+                )
             return PreconditionError(f"{destination} is not at generation {match} ({message})")
         if status in (401, 403):
             return AuthError(f"access to {destination} denied ({status}): {message}")
@@ -375,12 +386,3 @@ class Uploader:
     def _emit(self, event: Any) -> None:
         if self._on_event is not None:
             self._on_event(event)
-
-
-def service_message(response: requests.Response) -> str:
-    """The service's one-line explanation of an error response."""
-    try:
-        message = json.loads(response.content)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text.strip().splitlines()[0] if response.text.strip() else response.reason
-    return redact(str(message or "")[:300])

@@ -6,11 +6,22 @@ families they care about. Messages are one line, safe to print: no token, no ses
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
+from gcsstream.redact import redact
+
 
 class GcsstreamError(Exception):
     """Base of every gcsstream error; exit code 1 (anything not covered by a family below)."""
 
     exit_code = 1
+    #: The resumable session the failed upload left open, if any: pass it back as ``session_uri=``
+    #: to continue. A credential: it is never part of the message (``str``) nor of ``repr``.
+    session_uri: str | None = None
+    #: The journal id of the upload, when it has one (``gcsstream resume ID``).
+    upload_id: str | None = None
 
 
 class UsageError(GcsstreamError):
@@ -80,6 +91,12 @@ class Terminated(Interrupted):
     exit_code = 143
 
 
+class HungUp(Interrupted):
+    """Stopped by SIGHUP (the terminal went away); the upload session is left open to be resumed."""
+
+    exit_code = 129
+
+
 def error_for_status(status: int, message: str) -> GcsstreamError:
     """The error family for a final (not retried) HTTP status from the service."""
     if status in (401, 403):
@@ -89,3 +106,64 @@ def error_for_status(status: int, message: str) -> GcsstreamError:
     if status == 412:
         return PreconditionError(message)
     return ServiceError(message)
+
+
+_XML_FIELD = re.compile(r"<(Code|Message|Details)>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.DOTALL | re.IGNORECASE)
+_TAG = re.compile(r"<[^>]+>")
+
+
+def service_message(response: Any) -> str:
+    """The service's one-line explanation of an error response (a ``requests.Response``).
+
+    Bodies come in several shapes: JSON ``{"error": {"message": ..., "errors": [{"reason": ...,
+    "message": ...}]}}`` (or only ``errors``, or ``{"error": "text"}``), the XML API's
+    ``<Error><Code>..</Code><Message>..</Message></Error>``, an HTML page from a proxy, plain
+    text, or nothing (then the status line's reason).
+    """
+    text = (response.text or "").strip()
+    message = _json_message(text) or _markup_message(text) or (text.splitlines()[0] if text else "")
+    message = " ".join(message.split()) or str(response.reason or f"HTTP {response.status_code}")
+    return redact(message[:300])
+
+
+def _json_message(text: str) -> str:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return ""
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, str):
+        return error
+    if not isinstance(error, dict):
+        return ""
+    message = error.get("message") if isinstance(error.get("message"), str) else ""
+    details = [e for e in error.get("errors") or () if isinstance(e, dict)]
+    reasons = [str(e["reason"]) for e in details if e.get("reason")]
+    if not message:
+        message = next((str(e["message"]) for e in details if e.get("message")), "")
+    if reasons and not any(reason in message for reason in reasons):
+        message = f"{message} ({', '.join(reasons)})" if message else ", ".join(reasons)
+    return message
+
+
+def _markup_message(text: str) -> str:
+    if not text.startswith("<"):
+        return ""
+    fields = {name.lower(): value.strip() for name, value in _XML_FIELD.findall(text)}
+    if fields:
+        return ": ".join(v for v in (fields.get("code"), fields.get("message"), fields.get("details")) if v)
+    title = _HTML_TITLE.search(text)
+    if title and title.group(1).strip():
+        return title.group(1)
+    return _TAG.sub(" ", text)
+
+
+def is_hash_mismatch(message: str) -> bool:
+    """Whether a 400 to a request carrying X-Goog-Hash says the checksums disagree.
+
+    The service words it ``Provided CRC32C "..." doesn't match calculated CRC32C "..."``; any
+    other 400 (an invalid argument, bad metadata) is not an integrity failure.
+    """
+    lowered = message.lower()
+    return "match" in lowered and any(word in lowered for word in ("crc32c", "md5", "hash", "checksum"))

@@ -7,6 +7,8 @@ bytes must not become an object (a producer that failed, a size that is wrong).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import io
 import os
 import select
@@ -14,10 +16,11 @@ import signal
 import stat
 import subprocess
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from gcsstream.errors import GcsstreamError, SourceError, UsageError
 
@@ -94,23 +97,38 @@ class FileSource(StreamSource):
         self.mtime_ns = st.st_mtime_ns
 
 
+#: Seconds a producer's process group has to exit after SIGTERM before it gets SIGKILL.
+PRODUCER_GRACE = 5.0
+
+
 class ProducerSource(StreamSource):
     """The output of a shell command that gcsstream runs itself (``--exec``).
 
     Unlike a pipe into stdin, gcsstream learns how the producer ended: ``finish`` waits for it
     and refuses the input unless it exited 0, so a dump that dies halfway never becomes an object.
+
+    The producer runs in a session and process group of its own (``start_new_session``; without
+    a controlling terminal, so a prompt fails instead of stopping it), so that everything it
+    starts can be stopped together: when the source is closed, and at the latest when gcsstream
+    exits, whatever is left of the group gets SIGTERM, then SIGKILL after ``PRODUCER_GRACE``
+    seconds; nothing it started outlives gcsstream. Being in its own group, the producer does not
+    get a terminal's Ctrl-C: gcsstream stops it itself.
     """
 
     def __init__(self, command: str) -> None:
         self.command = command
         try:
             self._process = subprocess.Popen(
-                command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+                command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
             )
         except OSError as exc:
             raise UsageError(f"cannot run {command!r}: {exc.strerror or exc}") from None
         assert self._process.stdout is not None
-        super().__init__(self._process.stdout, f"the producer {command!r}", close=True)
+        stdout = cast(BinaryIO, self._process.stdout)
+        super().__init__(stdout, f"the producer {command!r}", close=True)
+        self._stop_lock = threading.Lock()
+        self._stopped = False
+        atexit.register(self._stop_at_exit)  # the reader thread may never get to close()
 
     def finish(self) -> None:
         status = self._process.wait()
@@ -121,14 +139,55 @@ class ProducerSource(StreamSource):
             raise SourceError(f"{self.description} exited with status {status}")
 
     def close(self) -> None:
+        self.stop()  # first: a read blocked on a silent producer returns once its group is gone
         super().close()
-        if self._process.poll() is None:  # the upload failed first: do not leave it running
-            self._process.terminate()
+
+    def stop(self) -> None:
+        """End whatever is left of the producer's process group: SIGTERM, then SIGKILL."""
+        with self._stop_lock:
+            if self._stopped:
+                return
             try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+                if not self._group_gone():
+                    self._signal_group(signal.SIGTERM)
+                    if not self._wait_group(PRODUCER_GRACE):
+                        self._signal_group(signal.SIGKILL)
+                        self._wait_group(PRODUCER_GRACE)
+            except BaseException:
+                self._signal_group(signal.SIGKILL)  # interrupted again: no more grace
+                raise
+            finally:
+                self._stopped = True
+        atexit.unregister(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        with contextlib.suppress(KeyboardInterrupt):
+            self.stop()
+
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signum)
+
+    def _group_gone(self) -> bool:
+        self._process.poll()  # reap the leader: a zombie still counts as a member of its group
+        try:
+            os.killpg(self._process.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # the group id was taken over by another user's process
+            return True
+        return False
+
+    def _wait_group(self, seconds: float) -> bool:
+        """Whether the group has no process left, polling for up to ``seconds``."""
+        deadline = time.monotonic() + seconds
+        pause = 0.005
+        while not self._group_gone():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        return True
 
 
 _END = object()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import io
 import itertools
@@ -209,3 +210,53 @@ def test_writer_memory_is_bounded_by_backpressure(server, opts):
     resource = assert_stored(server, BUCKET, "bp", b"".join(pieces))
     assert up.result.crc32c == resource["crc32c"]
     assert threading.active_count() < 20
+
+
+@pytest.mark.parametrize("api", ["open_upload", "aio"])
+def test_discarded_writer_cancels_its_session(server, opts, api):
+    """A writer dropped without close() is garbage: its finalizer cancels the session (the engine
+    thread does not keep the writer alive), and no object is created."""
+    url = f"gs://{BUCKET}/dropped"
+    if api == "open_upload":
+        up = gcsstream.open_upload(url, **opts)
+        for _ in range(3):  # past the writer's budget: the session exists and chunks have gone out
+            up.write(os.urandom(CHUNK))
+        del up
+        gc.collect()
+    else:
+
+        async def main():
+            up = await gcsstream.aio.open_upload(url, **opts)
+            for _ in range(3):
+                await up.write(os.urandom(CHUNK))
+            del up
+            gc.collect()
+            # while the loop still runs: its closing must not be what ends the upload
+            await asyncio.to_thread(server.wait_for_request, lambda r: r.kind == "cancel", 30)
+
+        asyncio.run(main())
+    server.wait_for_request(lambda r: r.kind == "cancel", 30)
+    assert [s.cancelled for s in server.sessions()] == [True]
+    assert server.object_resource(BUCKET, "dropped") is None
+
+
+@pytest.mark.parametrize("how", ["open_upload", "upload"])
+def test_transient_error_names_the_session_to_resume(server, opts, how):
+    data = os.urandom(4 * CHUNK + 7)
+    server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
+    with pytest.raises(gcsstream.TransientError) as failed:
+        if how == "upload":
+            gcsstream.upload(data, f"gs://{BUCKET}/again", retry_deadline=0.3, **opts)
+        else:
+            with gcsstream.open_upload(f"gs://{BUCKET}/again", retry_deadline=0.3, **opts) as up:
+                up.write(data)
+    session_uri = failed.value.session_uri
+    (session,) = server.sessions()
+    assert session_uri and session.upload_id in session_uri and session.persisted == 2 * CHUNK
+    assert session.upload_id not in str(failed.value) and session.upload_id not in repr(failed.value)
+    server.faults = FaultPlan()
+    with gcsstream.open_upload(f"gs://{BUCKET}/again", session_uri=session_uri, **opts) as up:
+        up.write(data)
+    resource = assert_stored(server, BUCKET, "again", data)
+    assert up.result.crc32c == resource["crc32c"] == crc32c_b64(data) and up.result.size == len(data)
+    assert len(server.sessions()) == 1
