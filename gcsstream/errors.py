@@ -11,6 +11,10 @@ class GcsstreamError(Exception):
     """Base of every gcsstream error; exit code 1 (anything not covered by a family below)."""
 
     exit_code = 1
+    #: The session of the upload that failed (a credential: never print it), when there is one.
+    session_uri: str | None = None
+    #: The journal id of the upload that failed, when it was journaled: resume it with this.
+    upload_id: str | None = None
 
 
 class UsageError(GcsstreamError):
@@ -78,6 +82,12 @@ class Terminated(Interrupted):
     """Stopped by SIGTERM; the upload session is left open to be resumed."""
 
     exit_code = 143
+
+
+class Busy(GcsstreamError):
+    """Another process is driving this upload (it holds the journal entry's lock); exit code 7."""
+
+    exit_code = 7
 
 
 def error_for_status(status: int, message: str) -> GcsstreamError:

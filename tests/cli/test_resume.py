@@ -575,7 +575,9 @@ def test_journal_is_private_and_replaced_atomically(server, env, tmp_path, state
         assert [os.pread(fd, 1 << 20, 0) for fd, _, _ in versions] == [raw for _, raw, _ in versions]
         assert {stat.S_IMODE(info.st_mode) for info in infos} == {0o600}
         assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
-        assert [p.name for p in state_dir.iterdir()] == [f"{versions[0][2]['id']}.json"]  # no temporary
+        entry_id = versions[0][2]["id"]  # no temporary; the entry and its lock (held by the put)
+        assert sorted(p.name for p in state_dir.iterdir()) == [f"{entry_id}.json", f"{entry_id}.lock"]
+        assert stat.S_IMODE((state_dir / f"{entry_id}.lock").stat().st_mode) == 0o600
     finally:
         stop.set()
         reader.join(60)
