@@ -6,6 +6,8 @@ The first process is paused deterministically: a test-server stall holds one of 
 requests, and once the stall has taken hold the process is stopped (SIGSTOP) until the second
 run has ended; then it is continued (SIGCONT) and completes."""
 
+# ruff: noqa: F811 - the fixtures imported from test_resume are taken as arguments
+
 from __future__ import annotations
 
 import json
