@@ -31,7 +31,14 @@ from gcsstream.errors import (
     TransientError,
     UsageError,
 )
-from gcsstream.journal import Journal, JournalEntry, JournalRecorder, UploadSettings, resume_conflicts
+from gcsstream.journal import (
+    Journal,
+    JournalEntry,
+    JournalRecorder,
+    UploadSettings,
+    resume_conflicts,
+    source_identity,
+)
 from gcsstream.options import (
     DEFAULT_RETRY_DEADLINE,
     ObjectMetadata,
@@ -686,16 +693,7 @@ def _open_source(src: str) -> ChunkSource:
 
 
 def _source_identity(source: ChunkSource) -> dict[str, Any]:
-    if isinstance(source, FileSource):
-        return {
-            "kind": "file",
-            "path": os.path.abspath(source.path),
-            "size": source.size,
-            "mtime_ns": source.mtime_ns,
-        }
-    if isinstance(source, ProducerSource):
-        return {"kind": "stream", "exec": source.command}
-    return {"kind": "stream"}
+    return source_identity(source)
 
 
 def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:

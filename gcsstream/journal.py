@@ -34,6 +34,7 @@ from typing import Any
 
 from gcsstream.errors import Busy, NotFoundError, UsageError
 from gcsstream.options import CHECKSUM_MODES, parse_gs_url
+from gcsstream.sources import ChunkSource, FileSource, ProducerSource
 
 #: Sessions live for up to a week on the service.
 SESSION_LIFETIME = 7 * 24 * 3600
@@ -580,6 +581,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def source_identity(source: ChunkSource) -> dict[str, Any]:
+    """What the journal records of a source: a file's path, size and mtime, or "a stream"."""
+    if isinstance(source, FileSource):
+        return {
+            "kind": "file",
+            "path": os.path.abspath(source.path),
+            "size": source.size,
+            "mtime_ns": source.mtime_ns,
+        }
+    if isinstance(source, ProducerSource):
+        return {"kind": "stream", "exec": source.command}
+    return {"kind": "stream"}
 
 
 def resume_conflicts(entry: JournalEntry, *, endpoint: str | None) -> None:
