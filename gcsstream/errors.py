@@ -88,6 +88,8 @@ class Busy(GcsstreamError):
     """Another process is driving this upload (it holds the journal entry's lock); exit code 7."""
 
     exit_code = 7
+    #: The process holding the lock, when known.
+    pid: int | None = None
 
 
 def error_for_status(status: int, message: str) -> GcsstreamError:

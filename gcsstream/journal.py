@@ -472,7 +472,7 @@ class Journal:
                         if held is not None:
                             self.unlock(held.id)
                     raise
-                plan.left.append((entry, str(exc)))
+                plan.left.append((entry, f"process {exc.pid} is driving it"))
                 continue
             if restart or plan.entry is not None:
                 plan.replace.append(entry)
@@ -498,10 +498,12 @@ class Journal:
                 pid = _read_pid(fd)
                 os.close(fd)
                 if pid is not None and _alive(pid) or attempt == 49:
-                    raise Busy(
+                    busy = Busy(
                         f"upload {entry_id} is being driven by process {pid or '(unknown)'}; "
-                        "wait for it to finish (exit 7: busy)"
-                    ) from None
+                        "let it finish (see `gcsstream sessions`)"
+                    )
+                    busy.upload_id, busy.pid = entry_id, pid
+                    raise busy from None
                 time.sleep(0.02)  # a `sessions` listing probing it for a moment, not a driver
                 continue
             try:
