@@ -338,7 +338,7 @@ def put(
     ) as transport:
         state = ProgressState(str(destination), source.size)
         uploader = Uploader(transport, options, on_event=state.record)
-        identity = _source_identity(raw_source)
+        identity = source_identity(raw_source)
         settings = UploadSettings(
             destination=str(destination),
             endpoint=transport.endpoint,
@@ -692,12 +692,8 @@ def _open_source(src: str) -> ChunkSource:
     return StreamSource(open(sys.stdin.fileno(), "rb", closefd=False), "standard input", close=True)
 
 
-def _source_identity(source: ChunkSource) -> dict[str, Any]:
-    return source_identity(source)
-
-
 def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
-    identity = _source_identity(source)
+    identity = source_identity(source)
     recorded = entry.source
     if identity.get("size") != recorded.get("size") or identity.get("mtime_ns") != recorded.get("mtime_ns"):
         raise PrefixMismatch(
