@@ -4,6 +4,7 @@ from gcsstream.api import ObjectWriter, open_upload, upload
 from gcsstream.engine import Uploader, UploadResult
 from gcsstream.errors import (
     AuthError,
+    Busy,
     GcsstreamError,
     IntegrityError,
     Interrupted,
@@ -31,6 +32,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AuthError",
+    "Busy",
     "FileSource",
     "GcsstreamError",
     "IntegrityError",

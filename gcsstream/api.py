@@ -23,6 +23,14 @@ from google.auth import credentials as auth_credentials
 from gcsstream.engine import Resume, SessionRecorder, Uploader, UploadResult
 from gcsstream.errors import GcsstreamError, SourceError, UsageError
 from gcsstream.events import EventCallback
+from gcsstream.journal import (
+    Journal,
+    JournalEntry,
+    JournalRecorder,
+    UploadSettings,
+    resume_conflicts,
+    source_identity,
+)
 from gcsstream.options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_RETRY_DEADLINE,
@@ -37,6 +45,7 @@ from gcsstream.sources import (
     WRITER_BUDGET,
     ChunkSource,
     FileSource,
+    GzipSource,
     IterableSource,
     StreamSource,
     WriterSource,
@@ -56,14 +65,69 @@ class _Plan:
     transport: Transport
     progress: EventCallback | None
     resume: Resume | None
+    #: The journal of a journaled upload (``journal=True`` or ``resume=ID``), else None.
+    journal: Journal | None = None
+    settings: UploadSettings | None = None
+    #: The claimed (locked) entry of ``resume=ID``.
+    entry: JournalEntry | None = None
 
     def uploader(self) -> Uploader:
         return Uploader(self.transport, self.options, on_event=self.progress)
+
+    def recorder(self, source: ChunkSource) -> JournalRecorder | None:
+        """The journal recorder of this upload, if it is journaled."""
+        if self.journal is None:
+            return None
+        if self.entry is not None:
+            return JournalRecorder(self.journal, self.entry)
+        assert self.settings is not None
+        return JournalRecorder.for_new(
+            self.journal, self.settings, chunk_size=self.options.chunk_size, source=source_identity(source)
+        )
+
+    def execute(
+        self, source: ChunkSource, recorder: SessionRecorder | None, journaled: JournalRecorder | None
+    ) -> UploadResult:
+        """Run the upload. A journaled one's errors carry its journal id (``upload_id``) and
+        session URI, so that the caller can resume it; its lock is released at the end."""
+        if self.entry is not None and self.entry.gzip:
+            source = GzipSource(source)
+        try:
+            return self.uploader().upload(
+                source, self.destination, self.metadata, recorder=recorder, resume=self.resume
+            )
+        except GcsstreamError as exc:
+            if journaled is not None and journaled.entry is not None:
+                exc.upload_id = journaled.entry.id
+                if exc.session_uri is None:
+                    exc.session_uri = journaled.entry.session_uri
+            raise
+        finally:
+            if self.journal is not None:
+                self.journal.unlock_all()
+
+
+#: Keywords that ``resume=ID`` takes from the journal (the session fixed them).
+_FROM_JOURNAL = (
+    "checksum",
+    "content_type",
+    "cache_control",
+    "content_encoding",
+    "content_disposition",
+    "metadata",
+    "storage_class",
+    "kms_key",
+    "if_generation_match",
+    "size",
+    "session_uri",
+)
 
 
 def _plan(url: str, **options: Any) -> _Plan:
     """Resolve ``open_upload``'s keyword arguments (the one place they are declared)."""
     bound = inspect.signature(open_upload).bind(url, **options)  # unknown names: TypeError
+    if bound.arguments.get("resume") is not None:
+        return _resume_plan(url, bound.arguments)
     bound.apply_defaults()
     o = SimpleNamespace(**bound.arguments)
     upload_options = UploadOptions(
@@ -92,7 +156,64 @@ def _plan(url: str, **options: Any) -> _Plan:
             anonymous=o.session_uri is not None and o.credentials is None,
         )
     resume = Resume(o.session_uri) if o.session_uri else None
-    return _Plan(parse_gs_url(url), upload_options, object_metadata, transport, o.progress, resume)
+    destination = parse_gs_url(url)
+    journal = settings = None
+    if o.journal:
+        if o.session_uri:
+            raise UsageError("journal=True journals new uploads; a session_uri has no journal")
+        journal = Journal()
+        journal.check_writable()
+        settings = UploadSettings(
+            destination=str(destination),
+            endpoint=transport.endpoint,
+            resource=object_metadata.resource(destination.name),
+            checksum=upload_options.checksum,
+            if_generation_match=upload_options.if_generation_match,
+            expected_size=upload_options.expected_size,
+        )
+    return _Plan(
+        destination, upload_options, object_metadata, transport, o.progress, resume, journal, settings
+    )
+
+
+def _resume_plan(url: str, given: dict[str, Any]) -> _Plan:
+    """``resume=ID``: continue a journaled upload with the journal's options, as the CLI does."""
+    conflicting = sorted(key for key in given if key in _FROM_JOURNAL)
+    if conflicting:
+        raise UsageError(
+            f"resume=ID takes the upload's options from its journal; do not pass {', '.join(conflicting)}"
+        )
+    journal = Journal()
+    entry = journal.claim(given["resume"])
+    try:
+        resume_conflicts(entry, endpoint=given.get("endpoint"))
+        destination = parse_gs_url(url)
+        if str(destination) != entry.destination:
+            raise UsageError(f"upload {entry.id} writes {entry.destination}, not {destination}")
+        upload_options = UploadOptions(
+            chunk_size=parse_size(given.get("chunk_size", entry.chunk_size)),
+            checksum=entry.checksum,  # type: ignore[arg-type]
+            if_generation_match=entry.if_generation_match,
+            retry_deadline=given.get("retry_deadline", DEFAULT_RETRY_DEADLINE),
+            expected_size=entry.expected_size,
+        )
+        credentials = given.get("credentials")
+        if isinstance(credentials, auth_credentials.Credentials):
+            transport = Transport(entry.endpoint, credentials, user_project=given.get("project"))
+        else:
+            transport = Transport.connect(
+                entry.endpoint,
+                credentials_file=os.fspath(credentials) if credentials else None,
+                user_project=given.get("project"),
+            )
+    except BaseException:
+        journal.unlock_all()
+        raise
+    metadata = ObjectMetadata(content_type=str(entry.resource.get("contentType")))
+    verify = Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c))
+    return _Plan(
+        destination, upload_options, metadata, transport, given.get("progress"), verify, journal, None, entry
+    )
 
 
 class _Upload:
@@ -102,7 +223,7 @@ class _Upload:
     It is the engine's ``SessionRecorder`` (passing each call on to ``inner``, if any).
     """
 
-    def __init__(self, inner: SessionRecorder | None = None) -> None:
+    def __init__(self, inner: JournalRecorder | None = None) -> None:
         self.inner = inner
         self.session_uri: str | None = None
         self.open = False  # the session exists and has neither completed nor been cancelled
@@ -125,9 +246,7 @@ class _Upload:
     def run(self, plan: _Plan, source: ChunkSource) -> UploadResult:
         """Run the upload; an error it ends with names the session it left open (``session_uri``)."""
         try:
-            return plan.uploader().upload(
-                source, plan.destination, plan.metadata, recorder=self, resume=plan.resume
-            )
+            return plan.execute(source, self, self.inner)
         except GcsstreamError as exc:
             if self.open and exc.session_uri is None:
                 exc.session_uri = self.session_uri
@@ -163,7 +282,7 @@ class ObjectWriter(io.BufferedIOBase):
         super().__init__()
         self._plan = plan
         self._source = WriterSource(min(plan.options.chunk_size, WRITER_BUDGET))
-        self._upload = _Upload()
+        self._upload = _Upload(plan.recorder(self._source))
         self._thread = threading.Thread(
             target=_run_writer, args=(plan, self._source, self._upload), name="gcsstream-upload", daemon=True
         )
@@ -244,6 +363,8 @@ def open_upload(
     project: str | None = None,
     progress: EventCallback | None = None,
     session_uri: str | None = None,
+    journal: bool = False,
+    resume: str | None = None,
 ) -> ObjectWriter:
     """Open ``gs://BUCKET/OBJECT`` for writing; closing the file creates the verified object.
 
@@ -268,6 +389,13 @@ def open_upload(
             thread: record, don't draw.
         session_uri: continue this existing session: write the whole stream again from its
             start; what the service already holds is checksummed and skipped, not resent.
+        journal: keep a resume journal in the command line's state directory (off by default:
+            a library should not write state files unasked), locked by this process while it
+            runs; an error then carries ``upload_id``, for ``resume=``, and ``gcsstream resume``.
+        resume: continue the journaled upload with this id (``err.upload_id``, or one listed by
+            ``gcsstream sessions``): supply the same input again; the held prefix must match the
+            journal's CRC32C, and the object's options come from the journal (passing them
+            again is refused). Raises ``Busy`` if another process drives it.
 
     Raises ``GcsstreamError`` subclasses (see ``gcsstream.errors``) from ``write`` or ``close``.
     """
@@ -285,8 +413,11 @@ def upload(
     """
     plan = _plan(url, **options)
     try:
-        return _Upload().run(plan, _source(source))
+        chunks = _source(source)
+        return _Upload(plan.recorder(chunks)).run(plan, chunks)
     finally:
+        if plan.journal is not None:
+            plan.journal.unlock_all()
         plan.transport.close()
 
 

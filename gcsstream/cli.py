@@ -22,6 +22,7 @@ from gcsstream import __version__
 from gcsstream.download import Downloader, parse_range
 from gcsstream.engine import Resume, Uploader, UploadResult
 from gcsstream.errors import (
+    Busy,
     GcsstreamError,
     HungUp,
     Interrupted,
@@ -31,7 +32,14 @@ from gcsstream.errors import (
     TransientError,
     UsageError,
 )
-from gcsstream.journal import Journal, JournalEntry, JournalRecorder
+from gcsstream.journal import (
+    Journal,
+    JournalEntry,
+    JournalRecorder,
+    UploadSettings,
+    resume_conflicts,
+    source_identity,
+)
 from gcsstream.options import (
     DEFAULT_RETRY_DEADLINE,
     ObjectMetadata,
@@ -52,9 +60,9 @@ T = TypeVar("T")
 EXIT_CODES = """\
 Exit codes: 0 success; 2 usage error; 3 integrity mismatch (or the wrong input given to
 resume); 4 authentication or permission (401/403, no credentials); 5 bucket, object or session
-not found; 6 precondition failed (412, --no-clobber); 75 transient failure after retries
-(session left open: resume it); 129 hung up (SIGHUP); 130 interrupted (SIGINT); 143 terminated
-(SIGTERM); 1 anything else."""
+not found; 6 precondition failed (412, --no-clobber); 7 busy: another process drives this
+upload (its pid is named); 75 transient failure after retries (session left open: resume it);
+129 hung up (SIGHUP); 130 interrupted (SIGINT); 143 terminated (SIGTERM); 1 anything else."""
 
 PUT_EXAMPLES = """\
 Examples:
@@ -250,7 +258,12 @@ def put(
         bool, typer.Option("--no-clobber", help="Fail (exit 6) if the object exists.")
     ] = False,
     restart: Annotated[
-        bool, typer.Option("--restart", help="Start afresh even if an unfinished upload of this file exists.")
+        bool,
+        typer.Option(
+            "--restart",
+            help="Start afresh even if an unfinished upload of this file exists (one another "
+            "process drives is left to it).",
+        ),
     ] = False,
     gzip: Annotated[
         bool,
@@ -312,7 +325,7 @@ def put(
         metadata=parse_metadata(metadata or []),
     )
     destination = parse_gs_url(dest, default_name=None if src in ("-", "") else os.path.basename(src))
-    journal = Journal()
+    journal = _journal()
     journal.check_writable()
     raw_source = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
     source: ChunkSource = GzipSource(raw_source) if gzip else raw_source
@@ -325,36 +338,47 @@ def put(
     ) as transport:
         state = ProgressState(str(destination), source.size)
         uploader = Uploader(transport, options, on_event=state.record)
-        identity = {**_source_identity(raw_source), **({"gzip": True} if gzip else {})}
-        resume, recorder = (
-            None,
-            JournalRecorder(
-                journal,
-                destination=str(destination),
-                endpoint=transport.endpoint,
-                resource=object_metadata.resource(destination.name),
-                chunk_size=options.chunk_size,
-                checksum=options.checksum,
-                source=identity,
-            ),
+        identity = source_identity(raw_source)
+        settings = UploadSettings(
+            destination=str(destination),
+            endpoint=transport.endpoint,
+            resource=object_metadata.resource(destination.name),
+            checksum=options.checksum,
+            if_generation_match=options.if_generation_match,
+            gzip=gzip,
+            expected_size=options.expected_size,
         )
+        resume = None
+        recorder = JournalRecorder.for_new(journal, settings, chunk_size=options.chunk_size, source=identity)
         if identity["kind"] == "file":
             earlier = journal.find_for_file(
                 str(destination), identity["path"], identity["size"], identity["mtime_ns"]
             )
-            if earlier is not None and restart:
-                with contextlib.suppress(GcsstreamError):
-                    uploader.cancel(earlier.session_uri, destination)
-                journal.remove(earlier.id)
-            elif earlier is not None:
+            plan = journal.plan(earlier, settings, restart=restart)
+            for entry, why in plan.left:
                 _say(
-                    f"continuing the unfinished upload {earlier.id} of this file "
-                    f"({human_bytes(earlier.persisted)} stored; --restart starts afresh)",
+                    f"not continuing the unfinished upload {entry.id} of this file ({why}): starting "
+                    f"a new upload; {entry.id} is left as it was (gcsstream resume {entry.id}, or "
+                    f"gcsstream abort {entry.id})",
                     quiet,
                 )
-                resume = Resume(earlier.session_uri, verify=(earlier.persisted, earlier.persisted_crc32c))
-                recorder = JournalRecorder(journal, earlier)
-                object_metadata = ObjectMetadata(content_type=str(earlier.resource.get("contentType")))
+            for entry in plan.replace:
+                with contextlib.suppress(GcsstreamError):
+                    uploader.cancel(entry.session_uri, destination)
+                journal.remove(entry.id)
+            if plan.entry is not None:
+                earlier_entry = plan.entry
+                _say(
+                    f"continuing the unfinished upload {earlier_entry.id} of this file "
+                    f"({human_bytes(earlier_entry.persisted)} stored; --restart starts afresh)",
+                    quiet,
+                )
+                resume = Resume(
+                    earlier_entry.session_uri,
+                    verify=(earlier_entry.persisted, earlier_entry.persisted_crc32c),
+                )
+                recorder = JournalRecorder(journal, earlier_entry)
+                object_metadata = ObjectMetadata(content_type=str(earlier_entry.resource.get("contentType")))
         with display(state, mode=progress, interval=progress_interval, quiet=quiet):
             result = _resumable(
                 recorder,
@@ -403,8 +427,10 @@ def resume(
     """
     if debug:
         _log_http()
-    journal = Journal()
-    entry, session_uri, destination, checksum_mode = _find_upload(journal, upload)
+    journal = _journal()
+    entry, session_uri, destination, checksum_mode = _find_upload(journal, upload, claim=True)
+    if entry is not None:
+        resume_conflicts(entry, endpoint=endpoint)
     if entry is None:
         if src is None:
             raise UsageError("give the input to resume a session URI with: gcsstream resume URI SRC")
@@ -423,19 +449,22 @@ def resume(
     raw_source = _open_source(src)
     if entry is not None and not entry.is_stream:
         _check_file_unchanged(entry, raw_source)
-    gzip = bool(entry and entry.source.get("gzip"))
+    gzip = bool(entry and entry.gzip)
     source: ChunkSource = GzipSource(raw_source) if gzip else raw_source
     options = UploadOptions(
         chunk_size=check_chunk_size(parse_size(chunk_size))
         if chunk_size
         else (entry.chunk_size if entry else 16 << 20),
         checksum=checksum_mode,  # type: ignore[arg-type]
+        # The session carries the precondition; the journal's value names it in a 412's message.
+        if_generation_match=entry.if_generation_match if entry else None,
+        expected_size=entry.expected_size if entry else None,
         retry_deadline=retry_deadline,
         retry_initial_delay=retry_initial_delay,
         io_timeout=io_timeout,
     )
     # A bare session URI is its own credential: no Google credentials are needed to use it.
-    service = endpoint or (entry.endpoint if entry else _origin(session_uri))
+    service = entry.endpoint if entry else (endpoint or _origin(session_uri))
     with Transport.connect(
         service,
         credentials_file=credentials,
@@ -536,11 +565,17 @@ def sessions(
     """List unfinished uploads: id, destination, bytes held, age, source."""
     if debug:
         _log_http()
-    journal = Journal()
+    journal = _journal()
     entries = journal.entries()
     if prune:
         kept = []
         for entry in entries:
+            try:
+                journal.lock(entry.id)
+            except Busy as exc:
+                print(f"gcsstream: kept {entry.id}: {exc}", file=sys.stderr)
+                kept.append(entry)
+                continue
             state = _probe(entry, credentials)
             if state in ("gone", "finished"):
                 journal.remove(entry.id)
@@ -550,19 +585,23 @@ def sessions(
                 )
             else:
                 kept.append(entry)
+                journal.unlock(entry.id)
         entries = kept
+    drivers = {e.id: journal.holder(e.id) for e in entries}
     if json_output:
-        print(json.dumps([_entry_summary(e) for e in entries]))
+        print(json.dumps([{**_entry_summary(e), "driven_by": drivers[e.id]} for e in entries]))
         return
     if not entries:
         print("no unfinished uploads", file=sys.stderr)
         return
     print(f"{'ID':<9} {'HELD':>10} {'AGE':>6}  DESTINATION  SOURCE")
     for e in entries:
-        source = e.source.get("path") if not e.is_stream else "stream"
+        source = _printable(str(e.source.get("path"))) if not e.is_stream else "stream"
         expired = " (expired)" if e.expired else ""
+        driven = f" (being driven by process {drivers[e.id]})" if drivers[e.id] else ""
         held = human_bytes(e.persisted)
-        print(f"{e.id:<9} {held:>10} {_age(e.created):>6}  {e.destination}  {source}{expired}")
+        destination = _printable(e.destination)
+        print(f"{e.id:<9} {held:>10} {_age(e.created):>6}  {destination}  {source}{expired}{driven}")
 
 
 @app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
@@ -575,10 +614,11 @@ def status(
     """Ask the service how many bytes an upload holds, or which object it created."""
     if debug:
         _log_http()
-    journal = Journal()
+    journal = _journal()
     entry, session_uri, destination, _ = _find_upload(journal, upload)
     with _transport_for(entry, session_uri, credentials, by_uri=_is_session_uri(upload)) as transport:
         state = Uploader(transport).session_status(session_uri, destination)
+    shown = _printable(str(destination))
     name = entry.id if entry else "session"
     if isinstance(state, int):
         summary: dict[str, Any] = {
@@ -587,7 +627,7 @@ def status(
             "held": state,
             "finished": False,
         }
-        line = f"{name} {destination}: {state} bytes ({human_bytes(state)}) held by the service"
+        line = f"{name} {shown}: {state} bytes ({human_bytes(state)}) held by the service"
     else:
         summary = {
             "upload": name,
@@ -597,7 +637,7 @@ def status(
             "bytes": int(state.get("size", 0)),
             "crc32c": state.get("crc32c"),
         }
-        line = f"{name} {destination}: finished, generation {summary['generation']}, {summary['bytes']} bytes"
+        line = f"{name} {shown}: finished, generation {summary['generation']}, {summary['bytes']} bytes"
     print(json.dumps(summary) if json_output else line)
 
 
@@ -610,15 +650,15 @@ def abort(
     """Cancel an unfinished upload on the service and forget its journal."""
     if debug:
         _log_http()
-    journal = Journal()
-    entry, session_uri, destination, _ = _find_upload(journal, upload)
+    journal = _journal()
+    entry, session_uri, destination, _ = _find_upload(journal, upload, claim=True)
     with _transport_for(entry, session_uri, credentials, by_uri=_is_session_uri(upload)) as transport:
         known = Uploader(transport).cancel(session_uri, destination)
     if entry is not None:
         journal.remove(entry.id)
     what = entry.id if entry else "the session"
     print(
-        f"gcsstream: aborted {what} ({destination})"
+        f"gcsstream: aborted {what} ({_printable(str(destination))})"
         if known
         else f"gcsstream: {what} was already gone; forgotten",
         file=sys.stderr,
@@ -626,6 +666,18 @@ def abort(
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _journal() -> Journal:
+    """The state directory's journal; each damaged or foreign file in it is named once on stderr."""
+    return Journal(warn=lambda message: print(f"gcsstream: warning: {_printable(message)}", file=sys.stderr))
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so that a journal cannot drive the terminal."""
+    return "".join(
+        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text
+    )
 
 
 def _open_source(src: str) -> ChunkSource:
@@ -640,21 +692,8 @@ def _open_source(src: str) -> ChunkSource:
     return StreamSource(open(sys.stdin.fileno(), "rb", closefd=False), "standard input", close=True)
 
 
-def _source_identity(source: ChunkSource) -> dict[str, Any]:
-    if isinstance(source, FileSource):
-        return {
-            "kind": "file",
-            "path": os.path.abspath(source.path),
-            "size": source.size,
-            "mtime_ns": source.mtime_ns,
-        }
-    if isinstance(source, ProducerSource):
-        return {"kind": "stream", "exec": source.command}
-    return {"kind": "stream"}
-
-
 def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
-    identity = _source_identity(source)
+    identity = source_identity(source)
     recorded = entry.source
     if identity.get("size") != recorded.get("size") or identity.get("mtime_ns") != recorded.get("mtime_ns"):
         raise PrefixMismatch(
@@ -663,16 +702,22 @@ def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
         )
 
 
-def _find_upload(journal: Journal, upload: str) -> tuple[JournalEntry | None, str, ObjectURL, str]:
-    """The journal entry (if any), session URI, destination and checksum mode of an upload."""
+def _find_upload(
+    journal: Journal, upload: str, *, claim: bool = False
+) -> tuple[JournalEntry | None, str, ObjectURL, str]:
+    """The journal entry (if any), session URI, destination and checksum mode of an upload.
+
+    With ``claim``, the entry is locked for this process (``Busy`` if another one drives it)."""
     if _is_session_uri(upload):
         # A URI of one of our own uploads: use its journal (the prefix check, the destination,
         # and forgetting it once done).
         entry = next((e for e in journal.entries() if e.session_uri == upload), None)
         if entry is None:
             return None, upload, _destination_of(upload), "crc32c"
+        if claim:
+            entry = journal.claim(entry.id)
     else:
-        entry = journal.load(upload)
+        entry = journal.claim(upload) if claim else journal.load(upload)
     return entry, entry.session_uri, parse_gs_url(entry.destination), entry.checksum
 
 

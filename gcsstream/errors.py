@@ -97,6 +97,14 @@ class HungUp(Interrupted):
     exit_code = 129
 
 
+class Busy(GcsstreamError):
+    """Another process is driving this upload (it holds the journal entry's lock); exit code 7."""
+
+    exit_code = 7
+    #: The process holding the lock, when known.
+    pid: int | None = None
+
+
 def error_for_status(status: int, message: str) -> GcsstreamError:
     """The error family for a final (not retried) HTTP status from the service."""
     if status in (401, 403):

@@ -2,26 +2,47 @@
 
 One JSON file per unfinished upload in the state directory (``GCSSTREAM_STATE_DIR``, else
 ``$XDG_STATE_HOME/gcsstream``, else ``~/.local/state/gcsstream``). It holds the session URI,
-a bearer credential, so the directory is 0700 and the files 0600. Each update is atomic
-(temporary file, fsync, rename): a journal is never half-written, and after a crash it is at
-most one chunk behind the service, which ``resume`` corrects by asking the service.
+a bearer credential, and it decides where bytes and a token are sent, so the directory must be
+the user's own and private (0700; checked like ssh's StrictModes) and every file is opened
+without following links and validated strictly: a file that is not a well-formed entry owned by
+the user is skipped with a warning. Each update is atomic (temporary file, fsync, rename): a
+journal is never half-written, and after a crash it is at most one chunk behind the service,
+which ``resume`` corrects by asking the service.
+
+One process drives an upload at a time: each entry has a lock file (``ID.lock``, an advisory
+``flock`` held for the whole run, with the holder's pid in it). A second process is refused with
+``Busy`` rather than racing the first (which could make it delete the object the first made).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
+import re
 import secrets
+import stat
 import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gcsstream.errors import NotFoundError, UsageError
+from gcsstream.errors import Busy, NotFoundError, UsageError
+from gcsstream.options import CHECKSUM_MODES, parse_gs_url
+from gcsstream.sources import ChunkSource, FileSource, ProducerSource
 
 #: Sessions live for up to a week on the service.
 SESSION_LIFETIME = 7 * 24 * 3600
+#: A journal entry is a few hundred bytes; anything far larger is not one of ours.
+MAX_ENTRY_BYTES = 64 * 1024
+_ID_RE = re.compile(r"^[0-9a-f]{1,32}$")
+
+log = logging.getLogger("gcsstream.journal")
 
 
 def state_dir() -> Path:
@@ -32,9 +53,45 @@ def state_dir() -> Path:
     return Path(base) / "gcsstream"
 
 
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    """What an upload writes and where: everything that must match for a run to continue a
+    journaled session (the session fixed them when it was started)."""
+
+    destination: str
+    endpoint: str
+    #: The initiate request's JSON body (name, contentType, metadata, storageClass, kmsKeyName...).
+    resource: dict[str, Any]
+    checksum: str = "crc32c"
+    if_generation_match: int | None = None
+    gzip: bool = False
+    expected_size: int | None = None
+
+    def differences(self, other: UploadSettings) -> list[str]:
+        """The names of the settings in which ``other`` differs from these."""
+        names = {
+            "destination": "destination",
+            "endpoint": "endpoint",
+            "checksum": "--checksum",
+            "if_generation_match": "precondition (--no-clobber, --if-generation-match)",
+            "gzip": "--gzip",
+            "expected_size": "--size",
+        }
+        found = [label for key, label in names.items() if getattr(self, key) != getattr(other, key)]
+        for key in sorted(set(self.resource) | set(other.resource)):
+            if self.resource.get(key) != other.resource.get(key):
+                found.append({"metadata": "--metadata"}.get(key, key))
+        return found
+
+
 @dataclass
 class JournalEntry:
-    """One unfinished upload."""
+    """One unfinished upload, with the settings it was started with."""
 
     id: str
     session_uri: str
@@ -46,6 +103,9 @@ class JournalEntry:
     checksum: str
     #: {"kind": "file", "path": ..., "size": ..., "mtime_ns": ...} or {"kind": "stream"}.
     source: dict[str, Any]
+    if_generation_match: int | None = None
+    gzip: bool = False
+    expected_size: int | None = None
     persisted: int = 0
     persisted_crc32c: int = 0
     created: float = field(default_factory=time.time)
@@ -59,20 +119,206 @@ class JournalEntry:
     def expired(self) -> bool:
         return time.time() - self.created > SESSION_LIFETIME
 
+    @property
+    def settings(self) -> UploadSettings:
+        return UploadSettings(
+            destination=self.destination,
+            endpoint=self.endpoint,
+            resource=self.resource,
+            checksum=self.checksum,
+            if_generation_match=self.if_generation_match,
+            gzip=self.gzip,
+            expected_size=self.expected_size,
+        )
+
+    @classmethod
+    def from_json(cls, data: Any, entry_id: str) -> JournalEntry:
+        """A validated entry, or ValueError saying what is wrong (every field is checked)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but a {type(data).__name__}")
+        data = dict(data)
+        if "gzip" not in data and isinstance(data.get("source"), dict):  # journals before 0.x
+            data["gzip"] = bool(data["source"].get("gzip"))
+        ints = {"chunk_size", "persisted", "persisted_crc32c"}
+        optional_ints = {"if_generation_match", "expected_size"}
+        strings = {"id", "session_uri", "destination", "endpoint", "checksum"}
+        for key in data:
+            if key not in cls.__dataclass_fields__:
+                raise ValueError(f"unknown field {key!r}")
+        for key in (
+            "id",
+            "session_uri",
+            "destination",
+            "endpoint",
+            "resource",
+            "chunk_size",
+            "checksum",
+            "source",
+        ):
+            if key not in data:
+                raise ValueError(f"no {key!r} field")
+        for key, value in data.items():
+            if key in strings and not isinstance(value, str):
+                raise ValueError(f"{key!r} is not a string")
+            if key in ints | optional_ints and not (
+                (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+                or (value is None and key in optional_ints)
+            ):
+                raise ValueError(f"{key!r} is not a non-negative integer")
+            if key in ("created", "updated") and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise ValueError(f"{key!r} is not a number")
+            if key in ("resource", "source") and not isinstance(value, dict):
+                raise ValueError(f"{key!r} is not an object")
+            if key == "gzip" and not isinstance(value, bool):
+                raise ValueError("'gzip' is not true or false")
+        if data["id"] != entry_id:
+            raise ValueError(f"its id {data['id']!r} is not its file name")
+        if data["checksum"] not in CHECKSUM_MODES:
+            raise ValueError("'checksum' is not a checksum mode")
+        for key in ("endpoint", "session_uri"):
+            if (
+                not data[key].startswith(("http://", "https://"))
+                or not urllib.parse.urlsplit(data[key]).netloc
+            ):
+                raise ValueError(f"{key!r} is not an http(s) URL")
+        if _origin(data["session_uri"]) != _origin(data["endpoint"]):
+            raise ValueError("its session URI is not on its endpoint")
+        try:
+            parse_gs_url(data["destination"])
+        except UsageError:
+            raise ValueError("'destination' is not a gs://BUCKET/OBJECT URL") from None
+        if not isinstance(data["resource"].get("name"), str):
+            raise ValueError("'resource' has no object name")
+        source = data["source"]
+        if source.get("kind") == "file" and not (
+            isinstance(source.get("path"), str)
+            and isinstance(source.get("size"), int)
+            and isinstance(source.get("mtime_ns"), int)
+        ):
+            raise ValueError("'source' is not a file's path, size and mtime")
+        return cls(**data)
+
+
+@dataclass
+class Continuation:
+    """What ``put`` of a file should do about earlier unfinished uploads of it (``Journal.plan``)."""
+
+    #: The entry to continue (locked by this process), or None: start a new session.
+    entry: JournalEntry | None = None
+    #: Entries of the same upload with the same settings to cancel first (--restart; locked).
+    replace: list[JournalEntry] = field(default_factory=list)
+    #: Entries left as they are, with the settings that differ (or the process driving them).
+    left: list[tuple[JournalEntry, str]] = field(default_factory=list)
+
+
+class EntryLock:
+    """An advisory lock on one entry (``ID.lock``), held until ``release`` or process exit."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self, *, forget: bool = False) -> None:
+        """Release the lock; with ``forget`` (the entry is gone), remove the lock file first."""
+        if self._fd is None:
+            return
+        if forget:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
 
 class Journal:
-    """The journal files of one state directory."""
+    """The journal files of one state directory.
 
-    def __init__(self, directory: Path | None = None) -> None:
+    ``warn`` is told, once per file, about each file skipped as damaged or foreign.
+    """
+
+    def __init__(self, directory: Path | None = None, *, warn: Callable[[str], None] | None = None) -> None:
         self.directory = directory or state_dir()
+        self._warn = warn or log.warning
+        self._warned: set[str] = set()
+        self._locks: dict[str, EntryLock] = {}
+
+    # -- the directory ----------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Fail now, before any upload starts, if journals cannot be written safely."""
+        self._ensure_directory()
+
+    def _ensure_directory(self) -> None:
+        try:
+            self._make_private(self.directory)
+            self.check_directory()
+            # O_EXCL|O_NOFOLLOW: the probe never follows a link planted at its name.
+            probe = self.directory / f".probe.{os.getpid()}"
+            for _ in range(2):
+                try:
+                    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                except FileExistsError:
+                    probe.unlink()  # a leftover (or a link): removing a link leaves its target alone
+                    continue
+                os.close(fd)
+                probe.unlink()
+                break
+        except OSError as exc:
+            raise UsageError(
+                f"the state directory {self.directory} is not writable: {exc.strerror or exc} "
+                "(set GCSSTREAM_STATE_DIR to a writable directory)"
+            ) from None
+
+    @staticmethod
+    def _make_private(directory: Path) -> None:
+        """Create the directory and missing parents 0700, whatever the umask."""
+        missing = []
+        path = directory.absolute()
+        while not path.exists() and not path.is_symlink() and path != path.parent:
+            missing.append(path)
+            path = path.parent
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+                os.chmod(path, 0o700)
+
+    def check_directory(self) -> None:
+        """Refuse a state directory another user could write to (ssh's StrictModes)."""
+        try:
+            info = os.stat(self.directory)
+        except FileNotFoundError:
+            return
+        uid = os.geteuid()
+        if not stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"the state directory {self.directory} is not writable: it is not a directory")
+        if info.st_uid != uid:
+            raise UsageError(
+                f"the state directory {self.directory} belongs to uid {info.st_uid}, not to you: "
+                f"fix it with `chown {uid} {self.directory}` or set GCSSTREAM_STATE_DIR"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UsageError(
+                f"the state directory {self.directory} is writable by other users "
+                f"(mode {stat.S_IMODE(info.st_mode):o}): fix it with `chmod 700 {self.directory}`"
+            )
+
+    # -- entries ----------------------------------------------------------------------------------
 
     def new_entry(self, **fields: Any) -> JournalEntry:
-        """An entry with a fresh short id, written to disk before the first byte is sent."""
+        """An entry with a fresh short id, locked by this process, written before the first byte."""
         self._ensure_directory()
         while True:
             entry_id = secrets.token_hex(4)
+            if self._path(entry_id).exists() or self._lock_path(entry_id).exists():
+                continue
+            try:
+                self.lock(entry_id)
+            except Busy:
+                continue
             if not self._path(entry_id).exists():
                 break
+            self.unlock(entry_id)
         entry = JournalEntry(id=entry_id, **fields)
         self.write(entry)
         return entry
@@ -85,8 +331,7 @@ class Journal:
         try:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()  # left by a crashed process with our pid
-            # O_EXCL|O_NOFOLLOW: in a shared state directory, a planted file or symlink at this
-            # name must not receive the session URI.
+            # O_EXCL|O_NOFOLLOW: a planted file or symlink at this name must not receive the URI.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 os.write(fd, data)
@@ -117,31 +362,82 @@ class Journal:
                 os.close(fd)
 
     def remove(self, entry_id: str) -> None:
+        """Forget an entry (and release its lock if this process holds it)."""
         with contextlib.suppress(FileNotFoundError):
             self._path(entry_id).unlink()
+        lock = self._locks.pop(entry_id, None)
+        if lock is not None:
+            lock.release(forget=True)
 
     def load(self, entry_id: str) -> JournalEntry:
+        path = self._path(entry_id)
         try:
-            data = json.loads(self._path(entry_id).read_text())
+            raw = self._read(path)
         except FileNotFoundError:
             raise NotFoundError(
                 f"no unfinished upload with id {entry_id!r} (see `gcsstream sessions`)"
             ) from None
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"the journal of {entry_id} is unreadable: {exc}") from None
-        return JournalEntry(**data)
+        except OSError as exc:
+            raise UsageError(f"the journal of {entry_id} is unreadable: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"the journal {path} is not used: {exc}") from None
+        try:
+            return JournalEntry.from_json(json.loads(raw), entry_id)
+        except ValueError as exc:
+            raise UsageError(f"the journal {path} is not used: {exc}") from None
+
+    @staticmethod
+    def _read(path: Path) -> bytes:
+        """The bytes of a journal file, which must be a regular file of ours, of bounded size.
+
+        O_NOFOLLOW: not a link to elsewhere; O_NONBLOCK: a FIFO planted there cannot hang us.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError("it is a symbolic link") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("it is not a regular file")
+            if info.st_uid != os.geteuid():
+                raise ValueError(f"it belongs to uid {info.st_uid}, not to you")
+            if info.st_size > MAX_ENTRY_BYTES:
+                raise ValueError(f"it is larger than {MAX_ENTRY_BYTES} bytes")
+            raw = os.read(fd, MAX_ENTRY_BYTES + 1)
+            if len(raw) > MAX_ENTRY_BYTES:
+                raise ValueError(f"it is larger than {MAX_ENTRY_BYTES} bytes")
+            return raw
+        finally:
+            os.close(fd)
 
     def entries(self) -> list[JournalEntry]:
+        """Every valid entry; each file that is not one is skipped with one warning."""
         if not self.directory.is_dir():
             return []
+        self.check_directory()
         found = []
         for path in sorted(self.directory.glob("*.json")):
-            with contextlib.suppress(NotFoundError, UsageError, TypeError):
+            try:
                 found.append(self.load(path.stem))
+            except NotFoundError as exc:
+                if path.exists() or path.is_symlink():  # a name that is not an id
+                    self._skip(path, str(exc))
+            except UsageError as exc:
+                self._skip(path, str(exc))
         return sorted(found, key=lambda e: e.created)
 
-    def find_for_file(self, destination: str, path: str, size: int, mtime_ns: int) -> JournalEntry | None:
-        """An unfinished upload of this same, unchanged file to this destination."""
+    def _skip(self, path: Path, why: str) -> None:
+        if str(path) not in self._warned:
+            self._warned.add(str(path))
+            prefix = f"the journal {path} is not used: "
+            self._warn(why if why.startswith(prefix) else f"{prefix}{why}")
+
+    def find_for_file(self, destination: str, path: str, size: int, mtime_ns: int) -> list[JournalEntry]:
+        """The unfinished uploads of this same, unchanged file to this destination."""
+        found = []
         for entry in self.entries():
             src = entry.source
             if (
@@ -152,42 +448,185 @@ class Journal:
                 and src.get("mtime_ns") == mtime_ns
                 and not entry.expired
             ):
-                return entry
+                found.append(entry)
+        return found
+
+    def plan(
+        self, candidates: list[JournalEntry], settings: UploadSettings, *, restart: bool
+    ) -> Continuation:
+        """Decide which earlier upload of a file a new run continues: only one with exactly the
+        same settings (destination, endpoint, every object option), and only one no other
+        process drives. An entry with other settings is left as it is; one driven by another
+        process raises ``Busy``, unless ``restart`` (then this run starts its own session)."""
+        plan = Continuation()
+        for entry in candidates:
+            differ = entry.settings.differences(settings)
+            if differ:
+                plan.left.append((entry, ", ".join(differ) + " differ"))
+                continue
+            try:
+                self.lock(entry.id)
+            except Busy as exc:
+                if not restart:
+                    for held in (plan.entry, *plan.replace):
+                        if held is not None:
+                            self.unlock(held.id)
+                    raise
+                plan.left.append((entry, f"process {exc.pid} is driving it"))
+                continue
+            if restart or plan.entry is not None:
+                plan.replace.append(entry)
+            else:
+                plan.entry = entry
+        return plan
+
+    # -- locks ------------------------------------------------------------------------------------
+
+    def lock(self, entry_id: str) -> EntryLock:
+        """Take the entry's lock for this process, or raise ``Busy`` naming the holder."""
+        if entry_id in self._locks:
+            return self._locks[entry_id]
+        path = self._lock_path(entry_id)
+        for attempt in range(50):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise UsageError(f"cannot lock upload {entry_id} ({path}): {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                if pid is not None and _alive(pid) or attempt == 49:
+                    busy = Busy(
+                        f"upload {entry_id} is being driven by process {pid or '(unknown)'}; "
+                        "let it finish (see `gcsstream sessions`)"
+                    )
+                    busy.upload_id, busy.pid = entry_id, pid
+                    raise busy from None
+                time.sleep(0.02)  # a `sessions` listing probing it for a moment, not a driver
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed it as we opened it: lock the current file
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            lock = self._locks[entry_id] = EntryLock(path, fd)
+            return lock
+        raise Busy(f"upload {entry_id} is locked")  # pragma: no cover - the loop raises first
+
+    def unlock(self, entry_id: str) -> None:
+        lock = self._locks.pop(entry_id, None)
+        if lock is not None:
+            lock.release(forget=not self._path(entry_id).exists())
+
+    def unlock_all(self) -> None:
+        for entry_id in list(self._locks):
+            self.unlock(entry_id)
+
+    def holder(self, entry_id: str) -> int | None:
+        """The pid of another process driving this upload, or None."""
+        if entry_id in self._locks:
+            return None
+        try:
+            fd = os.open(
+                self._lock_path(entry_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or -1
+        finally:
+            os.close(fd)
         return None
 
-    def check_writable(self) -> None:
-        """Fail now, before any upload starts, if journals cannot be written."""
-        self._ensure_directory()
-
-    def _ensure_directory(self) -> None:
+    def claim(self, entry_id: str) -> JournalEntry:
+        """Lock an entry for this process and load it (refused with ``Busy`` if another drives it)."""
+        self._path(entry_id)  # not an id: NotFoundError before any file is made
+        if not self._path(entry_id).exists():
+            raise NotFoundError(f"no unfinished upload with id {entry_id!r} (see `gcsstream sessions`)")
+        self.lock(entry_id)
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            probe = self.directory / f".probe.{os.getpid()}"
-            probe.touch(mode=0o600)
-            probe.unlink()
-        except OSError as exc:
-            raise UsageError(
-                f"the state directory {self.directory} is not writable: {exc.strerror or exc} "
-                "(set GCSSTREAM_STATE_DIR to a writable directory)"
-            ) from None
+            return self.load(entry_id)
+        except BaseException:
+            self.unlock(entry_id)
+            raise
 
     def _path(self, entry_id: str) -> Path:
-        if not entry_id or not all(c in "0123456789abcdef" for c in entry_id):
+        if not _ID_RE.match(entry_id or ""):
             raise NotFoundError(f"{entry_id!r} is not an upload id (see `gcsstream sessions`)")
         return self.directory / f"{entry_id}.json"
+
+    def _lock_path(self, entry_id: str) -> Path:
+        return self._path(entry_id).with_suffix(".lock")
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def source_identity(source: ChunkSource) -> dict[str, Any]:
+    """What the journal records of a source: a file's path, size and mtime, or "a stream"."""
+    if isinstance(source, FileSource):
+        return {
+            "kind": "file",
+            "path": os.path.abspath(source.path),
+            "size": source.size,
+            "mtime_ns": source.mtime_ns,
+        }
+    if isinstance(source, ProducerSource):
+        return {"kind": "stream", "exec": source.command}
+    return {"kind": "stream"}
+
+
+def resume_conflicts(entry: JournalEntry, *, endpoint: str | None) -> None:
+    """Refuse options that contradict the journal of an upload being resumed (its session fixed
+    them); ``endpoint`` None means "not given"."""
+    if endpoint is not None and _origin(endpoint.rstrip("/")) != _origin(entry.endpoint):
+        raise UsageError(
+            f"upload {entry.id} was started on {entry.endpoint}; it cannot continue on {endpoint} "
+            "(resume uses the journal's endpoint: drop --endpoint)"
+        )
 
 
 class JournalRecorder:
     """Keeps a journal entry in step with an upload (the engine's ``SessionRecorder``).
 
-    For a new upload the entry is created when the session exists, before the first byte is
-    sent; for a resumed one it is the existing entry.
+    For a new upload the entry is created (and locked) when the session exists, before the first
+    byte is sent; for a resumed one it is the existing entry, locked by ``Journal.claim``.
     """
 
     def __init__(self, journal: Journal, entry: JournalEntry | None = None, **fields: Any) -> None:
         self.journal = journal
         self.entry = entry
         self._fields = fields
+
+    @classmethod
+    def for_new(
+        cls, journal: Journal, settings: UploadSettings, *, chunk_size: int, source: dict[str, Any]
+    ) -> JournalRecorder:
+        """A recorder that journals a new upload with these settings."""
+        return cls(journal, **asdict(settings), chunk_size=chunk_size, source=source)
 
     def started(self, session_uri: str) -> None:
         if self.entry is None:

@@ -136,8 +136,9 @@ def unprivileged(env: dict[str, str], directory: Path) -> tuple[str, dict[str, s
     """How to run gcsstream as a user that file permissions apply to (root reads anything: as
     ``nobody`` then), with a state directory that user can write."""
     state = directory / "state"
-    state.mkdir()
-    state.chmod(0o777)
+    state.mkdir(mode=0o700)
+    if os.geteuid() == 0:  # the state directory must be that user's own
+        os.chown(state, 65534, 65534)
     runner = "setpriv --reuid=65534 --regid=65534 --clear-groups" if os.geteuid() == 0 else ""
     return runner, {**env, "GCSSTREAM_STATE_DIR": str(state)}
 

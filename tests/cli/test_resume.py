@@ -575,7 +575,9 @@ def test_journal_is_private_and_replaced_atomically(server, env, tmp_path, state
         assert [os.pread(fd, 1 << 20, 0) for fd, _, _ in versions] == [raw for _, raw, _ in versions]
         assert {stat.S_IMODE(info.st_mode) for info in infos} == {0o600}
         assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
-        assert [p.name for p in state_dir.iterdir()] == [f"{versions[0][2]['id']}.json"]  # no temporary
+        entry_id = versions[0][2]["id"]  # no temporary; the entry and its lock (held by the put)
+        assert sorted(p.name for p in state_dir.iterdir()) == [f"{entry_id}.json", f"{entry_id}.lock"]
+        assert stat.S_IMODE((state_dir / f"{entry_id}.lock").stat().st_mode) == 0o600
     finally:
         stop.set()
         reader.join(60)
@@ -760,3 +762,94 @@ def test_resume_of_a_session_holding_nothing_against_gcp_storage_emulator(
     rc, _, err = finish(gcs(f"resume {entry['id']} -", emu_env, src))
     assert rc == 0, err
     assert_stored(gcp_emulator, BUCKET, "empty", data)
+
+
+# Continuing only with the same settings (destination, endpoint, every object option).
+
+FAST = "--retry-deadline 0.5 --retry-initial-delay 0.05"
+
+
+def interrupted_put(server, env, src: Path, name: str, flags: str = "") -> dict:
+    """``put FILE`` stopped by retries running out after one chunk: exit 75 and a journal."""
+    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    code, _, err = finish(gcs(f"put --chunk-size {CHUNK} {FAST} {flags} {src} gs://{BUCKET}/{name}", env))
+    assert code == 75, err
+    server.faults = FaultPlan()
+    return only_session(env)
+
+
+def test_put_with_other_options_starts_a_new_session(server, env, tmp_path):
+    src = tmp_path / "file.bin"
+    data = os.urandom(3 * CHUNK + 17)
+    src.write_bytes(data)
+    entry = interrupted_put(server, env, src, "opts")
+    server.put_object(BUCKET, "opts", b"someone else's")  # written meanwhile by someone else
+    put = f"put --chunk-size {CHUNK} {src} gs://{BUCKET}/opts --no-clobber"
+    after = last_seq(server)
+    code, _, err = finish(gcs(put, env))
+    assert code == 6, err  # not the old session (which has no precondition): a new, refused one
+    assert f"not continuing the unfinished upload {entry['id']}" in err and "precondition" in err, err
+    (initiate,) = [r for r in server.requests if r.seq > after]
+    assert initiate.kind == "initiate" and "ifGenerationMatch=0" in initiate.path
+    assert server.read_object(BUCKET, "opts") == b"someone else's"
+    server.delete_object(BUCKET, "opts")
+    after = last_seq(server)
+    code, _, err = finish(
+        gcs(f"{put} --metadata owner=me --storage-class ARCHIVE --content-type text/x-test", env)
+    )
+    assert code == 0 and f"not continuing the unfinished upload {entry['id']}" in err, err
+    initiates = [r for r in server.requests if r.seq > after and r.kind == "initiate"]
+    assert len(initiates) == 1 and "ifGenerationMatch=0" in initiates[0].path
+    resource = assert_stored(server, BUCKET, "opts", data)
+    assert resource["metadata"] == {"owner": "me"}
+    assert resource["storageClass"] == "ARCHIVE" and resource["contentType"] == "text/x-test"
+    # The old session is left as it was, to be resumed or aborted explicitly.
+    assert only_session(env)["id"] == entry["id"]
+    assert [(s.finalized, s.cancelled) for s in server.sessions()] == [(False, False), (True, False)]
+
+
+def test_put_on_another_endpoint_starts_afresh_and_the_first_server_hears_nothing(server, env, tmp_path):
+    src = tmp_path / "file.bin"
+    data = os.urandom(2 * CHUNK + 3)
+    src.write_bytes(data)
+    entry = interrupted_put(server, env, src, "ep")
+    with GcsTestServer(data_dir=tmp_path / "other", buckets=[BUCKET]) as other:
+        after = last_seq(server)
+        code, _, err = finish(
+            gcs(f"put --chunk-size {CHUNK} --endpoint {other.url} {src} gs://{BUCKET}/ep", env)
+        )
+        assert (
+            code == 0 and f"not continuing the unfinished upload {entry['id']} of this file (endpoint" in err
+        ), err
+        assert last_seq(server) == after  # the first server received nothing
+        assert_stored(other, BUCKET, "ep", data)
+        # resume uses the journal's endpoint and refuses another one
+        after_other = last_seq(other)
+        code, _, err = finish(gcs(f"resume {entry['id']} --endpoint {other.url}", env))
+        assert code == 2, err
+        assert f"upload {entry['id']} was started on {server.url}; it cannot continue on {other.url}" in err
+        assert last_seq(server) == after and last_seq(other) == after_other
+    code, _, err = finish(gcs(f"resume {entry['id']}", env))
+    assert code == 0, err
+    assert_stored(server, BUCKET, "ep", data)
+
+
+def test_no_clobber_is_checked_again_at_finalize(server, env, tmp_path):
+    """The precondition of a session holds at its final request (the service's rule, and the test
+    server's): an object created meanwhile makes the resumed upload fail there, exit 6."""
+    src = tmp_path / "file.bin"
+    src.write_bytes(os.urandom(2 * CHUNK + 9))
+    entry = interrupted_put(server, env, src, "late", "--no-clobber")
+    assert (
+        json.loads((Path(env["GCSSTREAM_STATE_DIR"]) / f"{entry['id']}.json").read_text())[
+            "if_generation_match"
+        ]
+        == 0
+    )
+    server.put_object(BUCKET, "late", b"theirs")
+    after = last_seq(server)
+    code, _, err = finish(gcs(f"resume {entry['id']}", env))
+    assert code == 6 and "already exists (no-clobber)" in err, err
+    final = [r for r in server.requests if r.seq > after and r.kind == "final"]
+    assert [r.status for r in final] == [412]
+    assert server.read_object(BUCKET, "late") == b"theirs"

@@ -260,3 +260,40 @@ def test_transient_error_names_the_session_to_resume(server, opts, how):
     resource = assert_stored(server, BUCKET, "again", data)
     assert up.result.crc32c == resource["crc32c"] == crc32c_b64(data) and up.result.size == len(data)
     assert len(server.sessions()) == 1
+
+
+def test_journaled_library_upload_resumes_by_id_after_a_transient_error(server, opts, tmp_path, state_dir):
+    """journal=True keeps the command line's journal; a TransientError carries the upload's id and
+    session; upload(..., resume=ID) continues it (the held prefix checked, the options the
+    journal's) and the object is identical."""
+    src = tmp_path / "src.bin"
+    data = os.urandom(4 * CHUNK + 7)
+    src.write_bytes(data)
+    server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
+    url = f"gs://{BUCKET}/journaled"
+    with pytest.raises(gcsstream.TransientError) as caught:
+        gcsstream.upload(src, url, journal=True, retry_deadline=0.5, metadata={"k": "v"}, **opts)
+    err = caught.value
+    assert err.upload_id and err.session_uri and "upload_id=" in err.session_uri
+    assert err.session_uri not in str(err)
+    (journal,) = state_dir.glob("*.json")
+    assert journal.stem == err.upload_id
+    server.faults = FaultPlan()
+    with pytest.raises(gcsstream.UsageError, match="from its journal; do not pass metadata"):
+        gcsstream.upload(src, url, resume=err.upload_id, metadata={"k": "other"}, endpoint=server.url)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"X" + data[1:])
+    with pytest.raises(gcsstream.IntegrityError):  # the held prefix is checked
+        gcsstream.upload(other, url, resume=err.upload_id)
+    result = gcsstream.upload(src, url, resume=err.upload_id)
+    resource = assert_stored(server, BUCKET, "journaled", data)
+    assert result.crc32c == resource["crc32c"] and resource["metadata"] == {"k": "v"}
+    assert list(state_dir.iterdir()) == []  # forgotten, lock file included
+    assert len(server.sessions()) == 1
+
+
+def test_library_does_not_journal_unless_asked(server, opts, state_dir):
+    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    with pytest.raises(gcsstream.TransientError) as caught:
+        gcsstream.upload(os.urandom(3 * CHUNK), f"gs://{BUCKET}/plain", retry_deadline=0.5, **opts)
+    assert caught.value.upload_id is None and not state_dir.exists()

@@ -1,0 +1,140 @@
+"""The journal's rules, without a server: which entries a new run may continue, what a valid
+entry is, and one holder per entry (the lock is per open file, so one process shows it too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from gcsstream.errors import Busy, NotFoundError, UsageError
+from gcsstream.journal import Journal, JournalEntry, UploadSettings
+
+ENDPOINT = "http://127.0.0.1:9"
+
+
+def settings(**changes) -> UploadSettings:
+    base = {
+        "destination": "gs://bkt/o",
+        "endpoint": ENDPOINT,
+        "resource": {"name": "o", "contentType": "application/octet-stream"},
+    }
+    return UploadSettings(**{**base, **changes})
+
+
+def entry_fields(s: UploadSettings) -> dict:
+    return {
+        "session_uri": f"{s.endpoint}/upload/storage/v1/b/bkt/o?upload_id=abc",
+        "destination": s.destination,
+        "endpoint": s.endpoint,
+        "resource": s.resource,
+        "chunk_size": 262144,
+        "checksum": s.checksum,
+        "if_generation_match": s.if_generation_match,
+        "gzip": s.gzip,
+        "expected_size": s.expected_size,
+        "source": {"kind": "file", "path": "/f", "size": 1, "mtime_ns": 2},
+    }
+
+
+def test_differences_name_every_setting_that_differs():
+    s = settings()
+    assert s.differences(settings()) == []
+    other = settings(
+        endpoint="https://elsewhere",
+        if_generation_match=0,
+        resource={
+            "name": "o",
+            "contentType": "text/plain",
+            "metadata": {"a": "b"},
+            "storageClass": "ARCHIVE",
+        },
+    )
+    assert s.differences(other) == [
+        "endpoint",
+        "precondition (--no-clobber, --if-generation-match)",
+        "contentType",
+        "--metadata",
+        "storageClass",
+    ]
+
+
+def test_plan_continues_only_an_entry_with_the_same_settings(tmp_path):
+    journal = Journal(tmp_path / "state")
+    same = journal.new_entry(**entry_fields(settings()))
+    other = journal.new_entry(**entry_fields(settings(if_generation_match=0)))
+    journal.unlock_all()
+    plan = journal.plan([other, same], settings(), restart=False)
+    assert plan.entry is same and plan.replace == []
+    assert [(e.id, why) for e, why in plan.left] == [
+        (other.id, "precondition (--no-clobber, --if-generation-match) differ")
+    ]
+    journal.unlock_all()
+    plan = journal.plan([same], settings(), restart=True)
+    assert plan.entry is None and plan.replace == [same]
+
+
+def test_an_entry_has_one_holder(tmp_path):
+    first, second = Journal(tmp_path / "state"), Journal(tmp_path / "state")
+    entry = first.new_entry(**entry_fields(settings()))  # locked from the moment it exists
+    lock = tmp_path / "state" / f"{entry.id}.lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600 and lock.read_text() == f"{os.getpid()}\n"
+    with pytest.raises(Busy, match=f"upload {entry.id} is being driven by process {os.getpid()}"):
+        second.claim(entry.id)
+    with pytest.raises(Busy):
+        second.plan([entry], settings(), restart=False)
+    plan = second.plan([entry], settings(), restart=True)  # leaves it to its driver
+    assert plan.entry is None and plan.replace == [] and plan.left[0][0] is entry
+    assert second.holder(entry.id) == os.getpid()
+    first.unlock_all()
+    assert second.holder(entry.id) is None
+    assert second.claim(entry.id).id == entry.id
+    second.remove(entry.id)
+    assert list((tmp_path / "state").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"persisted": "1"}, "'persisted' is not a non-negative integer"),
+        ({"persisted": True}, "'persisted' is not a non-negative integer"),
+        ({"resource": []}, "'resource' is not an object"),
+        ({"id": "../../x"}, "is not its file name"),
+        ({"session_uri": "https://attacker.example/u"}, "not on its endpoint"),
+        ({"session_uri": "file:///etc/passwd"}, "not an http(s) URL"),
+        ({"destination": "/tmp/x"}, "not a gs://BUCKET/OBJECT URL"),
+        ({"checksum": "sha1"}, "not a checksum mode"),
+        ({"extra": 1}, "unknown field"),
+        ({"source": {"kind": "file", "path": 3}}, "not a file's path"),
+        ({"gzip": "yes"}, "'gzip' is not true or false"),
+    ],
+)
+def test_invalid_entries_are_refused_with_the_reason(tmp_path, change, why):
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    data = {"id": "00000001", **entry_fields(settings()), **change}
+    (tmp_path / "state" / "00000001.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="is not used: .*" + why.replace("(", r"\(").replace(")", r"\)")):
+        journal.load("00000001")
+    warnings: list[str] = []
+    assert Journal(tmp_path / "state", warn=warnings.append).entries() == []
+    assert len(warnings) == 1 and "00000001.json" in warnings[0]
+
+
+def test_a_journal_without_the_newer_fields_still_loads():
+    data = {"id": "00000002", **entry_fields(settings())}
+    for key in ("if_generation_match", "gzip", "expected_size"):
+        del data[key]
+    data["source"]["gzip"] = True
+    entry = JournalEntry.from_json(data, "00000002")
+    assert entry.gzip and entry.if_generation_match is None
+
+
+def test_an_id_that_is_not_one_is_refused_before_any_file_is_touched(tmp_path):
+    journal = Journal(tmp_path / "state")
+    for bad in ("../x", "", "ABC", "12/34"):
+        with pytest.raises(NotFoundError):
+            journal.claim(bad)
+    assert not (tmp_path / "state").exists()
