@@ -254,10 +254,10 @@ class Transport:
         self._origin = origin(self.endpoint)
         self._limiter = RateLimiter(rate_limit) if rate_limit else None
         # Token fetches: the same timeouts, and no redirect (the signed grant stays with its host).
-        token_session = _timed_session(requests.Session(), io_timeout)
-        token_session.max_redirects = 0
+        self._token_session = _timed_session(requests.Session(), io_timeout)
+        self._token_session.max_redirects = 0
         self._session = _timed_session(
-            AuthorizedSession(credentials, auth_request=AuthRequest(token_session)), io_timeout
+            AuthorizedSession(credentials, auth_request=AuthRequest(self._token_session)), io_timeout
         )
         self._io_timeout = io_timeout
         self._timeout = (connect_timeout, io_timeout)
@@ -374,6 +374,7 @@ class Transport:
 
     def close(self) -> None:
         self._session.close()
+        self._token_session.close()
 
     def __enter__(self) -> Transport:
         return self
