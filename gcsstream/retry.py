@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import email.utils
 import random
+import ssl
 import time
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import requests
@@ -26,6 +28,57 @@ RETRYABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+
+
+class AnswerTooSlow(requests.exceptions.ReadTimeout):
+    """An answer kept trickling past the exchange's deadline: a timeout, retried like one."""
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, and urllib3's ``reason`` / first arguments."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        inner = [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        inner += [arg for arg in current.args[:1] if isinstance(arg, BaseException)]
+        pending += [e for e in inner if isinstance(e, BaseException)]
+
+
+def permanent_network_failure(exc: BaseException, *, proxy: str | None = None) -> str | None:
+    """Why a network failure cannot be cured by retrying, or None if it may be transient.
+
+    A certificate that does not verify, a server that does not speak TLS, or a proxy that
+    cannot be used stay that way for the whole retry deadline: say so at once. Other TLS
+    errors (an EOF or a reset during the handshake) are network trouble, retried as such.
+    """
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return f"the proxy {proxy or '(from the environment)'} failed: {describe_network_error(exc)}"
+    if not isinstance(exc, requests.exceptions.SSLError):
+        return None
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = cause.verify_message or cause.reason
+            return f"its TLS certificate was refused ({why}; REQUESTS_CA_BUNDLE names extra CAs)"
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "doesn't match" in text:
+        return "its TLS certificate was refused (REQUESTS_CA_BUNDLE names extra CAs)"
+    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+        return "it does not speak TLS (an http:// endpoint?)"
+    return None
+
+
+def _credentials_host(exc: BaseException) -> str | None:
+    """The host a failed token fetch was sent to (google-auth wraps the requests error)."""
+    for cause in _causes(exc):
+        request = getattr(cause, "request", None)
+        if request is not None and getattr(request, "url", None):
+            return urllib.parse.urlsplit(request.url).netloc or None
+    return None
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -79,7 +132,21 @@ class Backoff:
 
 
 def describe_network_error(exc: BaseException) -> str:
-    """A short reason for a network failure: 'connection reset', 'timed out', ..."""
+    """A short reason for a network failure: 'connection reset', 'timed out', ...
+
+    A failed token fetch (google-auth's ``TransportError``) says so, with the token host: the
+    wait is for credentials, not for the storage endpoint.
+    """
+    if isinstance(exc, auth_exceptions.TransportError):
+        host = _credentials_host(exc)
+        inner = next(
+            (c for c in _causes(exc) if c is not exc and not isinstance(c, auth_exceptions.TransportError)),
+            None,
+        )
+        reason = describe_network_error(inner) if inner is not None else "network error"
+        return f"fetching credentials{f' from {host}' if host else ''}: {reason}"
+    if isinstance(exc, AnswerTooSlow):
+        return f"timed out ({exc})"
     if isinstance(exc, (requests.Timeout, TimeoutError, urllib3.exceptions.ReadTimeoutError)):
         return "timed out"
     root: BaseException = exc
@@ -94,6 +161,8 @@ def describe_network_error(exc: BaseException) -> str:
             return "connection refused"
         if isinstance(cause, BrokenPipeError):
             return "connection closed while sending"
+        if isinstance(cause, TimeoutError):  # a write under the io timeout made no progress
+            return "timed out"
     text = str(exc)
     if "RemoteDisconnected" in text or "closed connection" in text:
         return "connection closed by the server"

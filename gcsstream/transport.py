@@ -2,6 +2,9 @@
 
 This is the only module that knows about requests and google-auth sessions; the engine hands
 it prepared requests and gets responses back, which keeps a fake transport a drop-in for tests.
+It is also where the network is kept honest: credentials and data go only to the endpoint's
+origin (no redirect is followed), answers are bounded in size and time, and failures that no
+retry can cure (a refused certificate, an unusable proxy) become errors at once.
 """
 
 from __future__ import annotations
@@ -9,18 +12,30 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Protocol
+import urllib.parse
+from typing import Any, Protocol, TypeVar
 
 import google.auth
 import requests
 from google.auth import credentials as auth_credentials
 from google.auth import exceptions as auth_exceptions
 from google.auth.transport.requests import AuthorizedSession
+from google.auth.transport.requests import Request as AuthRequest
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import ProxyManager
 
-from gcsstream.errors import AuthError, UsageError
+from gcsstream.errors import AuthError, ServiceError, UsageError
+from gcsstream.options import UploadOptions
+from gcsstream.retry import AnswerTooSlow, permanent_network_failure
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
+#: The largest answer read that is not a media download: the service's are a few KiB.
+MAX_ANSWER = 1 << 20
+_PIECE = 64 * 1024
+_SEND_SLICE = 256 * 1024  # bytes per socket write: each must progress within the io timeout
 
 
 class HTTPTransport(Protocol):
@@ -95,12 +110,16 @@ class RateLimiter:
             time.sleep(wait)
 
 
-class _PacedBody:
-    """A request body handed to the socket in slices, each paid for with the limiter's tokens."""
+class _SlicedBody:
+    """A request body handed to the socket in slices, each paid for with a limiter's tokens if any.
 
-    SLICE = 64 * 1024
+    Slices matter even unpaced: one ``sendall`` of a whole chunk must finish within the socket
+    timeout, but the io timeout means "no progress for that long", which slices give.
+    """
 
-    def __init__(self, data: bytes, limiter: RateLimiter) -> None:
+    PACED_SLICE = 64 * 1024
+
+    def __init__(self, data: bytes, limiter: RateLimiter | None) -> None:
         self._view = memoryview(data)
         self._offset = 0
         self._limiter = limiter
@@ -109,20 +128,116 @@ class _PacedBody:
         return len(self._view)
 
     def read(self, n: int = -1) -> memoryview:
-        size = self.SLICE if n is None or n < 0 else min(n, self.SLICE)
+        size = _SEND_SLICE if n is None or n < 0 else n
+        if self._limiter is not None:
+            size = min(size, self.PACED_SLICE)
         piece = self._view[self._offset : self._offset + size]
         self._offset += len(piece)
-        if piece:
+        if piece and self._limiter is not None:
             self._limiter.consume(len(piece))
-        else:
+        elif not piece:
             # The end: rewind, so that a request sent again with this same body (google-auth
             # resends it after refreshing credentials on a 401) sends all of it again.
             self._offset = 0
         return piece
 
 
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port), default port filled in: the unit credentials are bound to."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _origin_text(url: str) -> str:
+    """``scheme://host:port`` of a URL, for messages: never its path, query or user info."""
+    scheme, host, port = origin(url)
+    return f"{scheme}://{host}:{port}" if host else repr(url[:40])
+
+
+class _SendsUnderIoTimeout(HTTPConnection):
+    """A connection whose request body is written under the io timeout, like reads.
+
+    urllib3 leaves the connect timeout on the socket while it sends the request, so a server
+    that stops reading a chunk would be noticed only after the connect timeout.
+    """
+
+    send_timeout: float = UploadOptions.io_timeout
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("blocksize", _SEND_SLICE)  # the slice ``_SlicedBody`` is read by
+        super().__init__(*args, **kwargs)
+
+    def connect(self) -> None:
+        super().connect()
+        if self.sock is not None:
+            self.sock.settimeout(self.send_timeout)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        connect_timeout = self.timeout
+        if self.sock is not None:  # a kept-alive connection: urllib3 would apply connect_timeout
+            self.timeout = self.send_timeout
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            self.timeout = connect_timeout
+
+
+class _TLSSendsUnderIoTimeout(_SendsUnderIoTimeout, HTTPSConnection):
+    pass
+
+
+class _TimedAdapter(HTTPAdapter):
+    """requests' adapter, its connection pools making ``_SendsUnderIoTimeout`` connections."""
+
+    def __init__(self, send_timeout: float) -> None:
+        settings = {"send_timeout": send_timeout}
+        self._pools: dict[str, type[HTTPConnectionPool]] = {
+            "http": type("Pool", (HTTPConnectionPool,), {
+                "ConnectionCls": type("Connection", (_SendsUnderIoTimeout,), settings)
+            }),
+            "https": type("TLSPool", (HTTPSConnectionPool,), {
+                "ConnectionCls": type("TLSConnection", (_TLSSendsUnderIoTimeout,), settings)
+            }),
+        }  # fmt: skip
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pools
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, ProxyManager):  # a SOCKS manager keeps its own pools
+            manager.pool_classes_by_scheme = self._pools
+        return manager
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (scheme://host:port only), if any."""
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    return _origin_text(proxy) if proxy else None
+
+
+_S = TypeVar("_S", bound=requests.Session)
+
+
+def _timed_session(session: _S, send_timeout: float) -> _S:
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, _TimedAdapter(send_timeout))
+    return session
+
+
 class Transport:
-    """One keep-alive connection pool to one endpoint; credentials refreshed on 401."""
+    """One keep-alive connection pool to one endpoint; credentials refreshed on 401.
+
+    Every exchange goes through ``request``, the one place that enforces where requests may go
+    and how long and how large their answers may be.
+    """
 
     def __init__(
         self,
@@ -130,14 +245,21 @@ class Transport:
         credentials: auth_credentials.Credentials,
         *,
         user_project: str | None = None,
-        connect_timeout: float = 20.0,
-        io_timeout: float = 120.0,
+        connect_timeout: float = UploadOptions.connect_timeout,
+        io_timeout: float = UploadOptions.io_timeout,
         rate_limit: float | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.user_project = user_project
+        self._origin = origin(self.endpoint)
         self._limiter = RateLimiter(rate_limit) if rate_limit else None
-        self._session = AuthorizedSession(credentials)
+        # Token fetches: the same timeouts, and no redirect (the signed grant stays with its host).
+        self._token_session = _timed_session(requests.Session(), io_timeout)
+        self._token_session.max_redirects = 0
+        self._session = _timed_session(
+            AuthorizedSession(credentials, auth_request=AuthRequest(self._token_session)), io_timeout
+        )
+        self._io_timeout = io_timeout
         self._timeout = (connect_timeout, io_timeout)
 
     @classmethod
@@ -147,8 +269,8 @@ class Transport:
         *,
         credentials_file: str | None = None,
         user_project: str | None = None,
-        connect_timeout: float = 20.0,
-        io_timeout: float = 120.0,
+        connect_timeout: float = UploadOptions.connect_timeout,
+        io_timeout: float = UploadOptions.io_timeout,
         anonymous: bool = False,
         rate_limit: float | None = None,
     ) -> Transport:
@@ -177,13 +299,82 @@ class Transport:
         headers: dict[str, str] | None = None,
         stream: bool = False,
     ) -> requests.Response:
-        body = _PacedBody(data, self._limiter) if data and self._limiter else data
-        return self._session.request(
-            method, url, data=body, headers=headers, timeout=self._timeout, stream=stream
+        """One exchange with the endpoint's origin, and never with anywhere else.
+
+        A URL on another origin is refused before anything is sent; no redirect is followed, and
+        an answer that redirects or names another origin in ``Location`` is refused: the
+        Authorization header and the data go only to the endpoint. ``stream`` (media downloads)
+        hands the body back unread; any other answer is read here, at most ``MAX_ANSWER`` bytes
+        and within ``io_timeout`` of its headers (``AnswerTooSlow``, retried like a timeout).
+        """
+        if origin(url) != self._origin:
+            raise self._refused("the upload session is on", url)
+        body = _SlicedBody(data, self._limiter) if data else data
+        try:
+            response = self._session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                stream=True,
+                allow_redirects=False,
+            )
+        except (requests.exceptions.SSLError, requests.exceptions.ProxyError) as exc:
+            why = permanent_network_failure(exc, proxy=_proxy_for(url))
+            if why is None:
+                raise
+            raise ServiceError(f"cannot reach {_origin_text(url)}: {why}") from None
+        try:
+            self._check_answer(response, url)
+            if not stream:
+                self._read_answer(response)
+        except BaseException:
+            response.close()  # unread: the connection is dropped, not reused
+            raise
+        return response
+
+    def _check_answer(self, response: requests.Response, url: str) -> None:
+        """Refuse a redirect, and a ``Location`` on another origin (the session URI's origin)."""
+        status = response.status_code
+        location = response.headers.get("Location")
+        if location and origin(urllib.parse.urljoin(url, location)) != self._origin:
+            raise self._refused("the service pointed gcsstream at", urllib.parse.urljoin(url, location))
+        if 300 <= status < 400 and not (status == 308 and not location):
+            # A 308 without Location is the resumable protocol's "incomplete", not a redirect.
+            raise ServiceError(
+                f"the service answered {status} with a redirect; gcsstream never follows redirects "
+                "(the service does not send them)"
+            )
+
+    def _read_answer(self, response: requests.Response) -> None:
+        """Read a metadata answer into ``response.content``: bounded in size and in time."""
+        deadline = time.monotonic() + self._io_timeout
+        pieces: list[bytes] = []
+        size = 0
+        while piece := response.raw.read1(_PIECE, decode_content=True):
+            pieces.append(piece)
+            size += len(piece)
+            if size > MAX_ANSWER:
+                raise ServiceError(
+                    f"the service's answer ({response.status_code}) is larger than "
+                    f"{MAX_ANSWER >> 20} MiB; stopped reading it"
+                )
+            if time.monotonic() > deadline:
+                raise AnswerTooSlow(f"the answer was still arriving {self._io_timeout:g} s after it began")
+        response._content = b"".join(pieces)
+        response._content_consumed = True
+        response.close()  # read to the end: the connection goes back to the pool
+
+    def _refused(self, what: str, url: str) -> ServiceError:
+        return ServiceError(
+            f"{what} {_origin_text(url)}, not the endpoint's origin {_origin_text(self.endpoint)}; "
+            "refusing to send credentials or data there"
         )
 
     def close(self) -> None:
         self._session.close()
+        self._token_session.close()
 
     def __enter__(self) -> Transport:
         return self

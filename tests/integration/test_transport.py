@@ -8,7 +8,9 @@ import threading
 import pytest
 from google.auth import credentials as auth_credentials
 
+from gcsstream.errors import ServiceError
 from gcsstream.transport import Transport
+from tests.wrong_server import Behaviour, Reply, Request, Session, WrongServer
 
 
 class RotatingCredentials(auth_credentials.Credentials):
@@ -72,3 +74,45 @@ def test_a_401_refreshes_the_token_and_resends_the_whole_body(server, rate_limit
         ("Bearer token-1", len(body)),
     ]
     assert all(received == body for _, _, received in seen)
+
+
+class UnauthorizedThenRedirect(Behaviour):
+    """The first chunk is refused 401 (the token "expired"), its resend redirected elsewhere."""
+
+    def __init__(self, other: WrongServer) -> None:
+        super().__init__()
+        self.other = other
+
+    def session_put(self, request: Request, session: Session) -> Reply:
+        if len(self.server.requests) == 1:
+            return Reply.json(401, {"error": {"code": 401, "message": "expired"}})
+        return Reply(307, {"Location": self.other.session_url("x")})
+
+
+def test_the_resend_after_a_401_refresh_follows_no_redirect():
+    """google-auth resends a request itself after refreshing on 401: that resend is held to the
+    same rule, and the other origin sees nothing."""
+    with WrongServer() as other, WrongServer(UnauthorizedThenRedirect(other)) as server:
+        session_uri = server.session_url(server.new_session("gcsstream-test", {"name": "o"}))
+        credentials = RotatingCredentials()
+        refused = pytest.raises(ServiceError, match="refusing to send credentials or data there")
+        with Transport(server.url, credentials, io_timeout=5) as transport, refused:
+            transport.request(
+                "PUT", session_uri, data=b"x" * 1000, headers={"content-range": "bytes 0-999/*"}
+            )
+        assert credentials.refreshes == 1
+        assert [r.headers.get("authorization") for r in server.requests] == [
+            "Bearer token-0",
+            "Bearer token-1",
+        ]
+        assert other.requests == []
+
+
+def test_a_session_uri_on_another_origin_is_refused_before_sending():
+    with WrongServer() as other, WrongServer() as server:
+        refused = pytest.raises(ServiceError, match=f"the upload session is on {other.url}, not the endpoint")
+        with Transport(server.url, RotatingCredentials(), io_timeout=5) as transport, refused:
+            transport.request(
+                "PUT", other.session_url("x"), data=b"x", headers={"content-range": "bytes */*"}
+            )
+        assert other.requests == [] and server.requests == []
