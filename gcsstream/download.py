@@ -243,12 +243,11 @@ class Downloader:
         if inflate is not None:
             inflate.finish()
         sink_out.flush()
+        if size is None and received:
+            raise ServiceError(f"the object resource of {source} has no size, and its media is not empty")
         verified = self._verify(source, resource, crc, md5) if whole else ()
-        if size is None and (received or not verified):
-            raise ServiceError(
-                f"the object resource of {source} has no size"
-                + (f", and its media has {received} bytes" if received else ", and no checksum to check")
-            )
+        if size is None and not verified:
+            raise ServiceError(f"the object resource of {source} has no size, and no checksum to check")
         return DownloadResult(
             url=str(source),
             generation=generation,
