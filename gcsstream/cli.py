@@ -27,7 +27,9 @@ from gcsstream.errors import (
     HungUp,
     Interrupted,
     NotFoundError,
+    OutputClosed,
     PrefixMismatch,
+    SinkError,
     Terminated,
     TransientError,
     UsageError,
@@ -62,7 +64,8 @@ Exit codes: 0 success; 2 usage error; 3 integrity mismatch (or the wrong input g
 resume); 4 authentication or permission (401/403, no credentials); 5 bucket, object or session
 not found; 6 precondition failed (412, --no-clobber); 7 busy: another process drives this
 upload (its pid is named); 75 transient failure after retries (session left open: resume it);
-129 hung up (SIGHUP); 130 interrupted (SIGINT); 143 terminated (SIGTERM); 1 anything else."""
+129 hung up (SIGHUP); 130 interrupted (SIGINT); 141 standard output closed by its reader
+(cat | head), as SIGPIPE would; 143 terminated (SIGTERM); 1 anything else."""
 
 PUT_EXAMPLES = """\
 Examples:
@@ -537,17 +540,25 @@ def cat(
         retry_initial_delay=retry_initial_delay,
         io_timeout=io_timeout,
     )
+    if sys.stdout is None:  # fd 1 was closed when we started (main points it at /dev/null)
+        raise SinkError("writing standard output: it is closed")
     if sys.stdout.isatty():
         raise UsageError("standard output is a terminal; redirect it (gcsstream cat gs://b/o > file)")
     with Transport.connect(
         endpoint, credentials_file=credentials, user_project=project, io_timeout=io_timeout
     ) as transport:
         state = ProgressState(str(source))
-        downloader = Downloader(transport, options, on_progress=state.progress)
-        if span is None:
-            state.size = int(downloader.object_resource(source)["size"])
+
+        def sized(total: int) -> None:
+            state.size = total
+
+        downloader = Downloader(
+            transport, options, on_start=sized, on_progress=state.progress, on_retry=state.record
+        )
         with display(state, mode=progress, interval=progress_interval, quiet=quiet, verb="received"):
-            result = downloader.download(source, sys.stdout.buffer, byte_range=span, raw=raw)
+            result = downloader.download(
+                source, sys.stdout.buffer, byte_range=span, raw=raw, sink_name="standard output"
+            )
     if not quiet:
         print(format_download_summary(result), file=sys.stderr, flush=True)
 
@@ -683,7 +694,9 @@ def _printable(text: str) -> str:
 def _open_source(src: str) -> ChunkSource:
     if src != "-":
         return FileSource(src)
-    if sys.stdin is None or sys.stdin.isatty():
+    if sys.stdin is None:  # fd 0 was closed when we started: refuse rather than upload nothing
+        raise UsageError("standard input is closed; pipe data in or name a file")
+    if sys.stdin.isatty():
         raise UsageError(
             "standard input is a terminal; pipe data in (tar c dir | gcsstream put - gs://b/o) or name a file"
         )
@@ -863,13 +876,48 @@ def _fail(message: str, code: int, debug: bool) -> NoReturn:
     sys.exit(code)
 
 
+def _fill_standard_fds() -> None:
+    """Point closed fds 0, 1 and 2 at /dev/null, as daemons do, before anything opens a file.
+
+    Otherwise the next file opened takes the free number and receives what was meant for the
+    terminal, and with fd 2 closed Python's ``sys.stderr`` is None, so ``print(file=sys.stderr)``
+    writes to stdout: into the data. Messages are lost instead. ``sys.stdin`` and ``sys.stdout``
+    stay None, so that reading or writing data through a closed fd is refused, not emptied.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
+
+
+def _discard_stdout() -> None:
+    """Once stdout's reader is gone (or its disk full), let Python's final flush go to /dev/null."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map every failure to one line and its exit code."""
+    _fill_standard_fds()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("GCSSTREAM_DEBUG") == "1"
     try:
         with _sigterm_raises():
             rv = app(args=args, prog_name="gcsstream", standalone_mode=False)
+    except (OutputClosed, BrokenPipeError):  # cat | head: stop at once, quietly
+        _discard_stdout()
+        sys.exit(OutputClosed.exit_code)
+    except SinkError as exc:  # e.g. a full disk: one line, never retried
+        _discard_stdout()
+        _fail(str(exc), exc.exit_code, debug)
     except GcsstreamError as exc:
         _fail(str(exc), exc.exit_code, debug)
     except TyperException as exc:  # the command line itself was wrong
@@ -881,9 +929,6 @@ def main(argv: list[str] | None = None) -> None:
     except _SigTerm as stop:
         error, word = _STOPPED_BY[stop.signum]
         _fail(word, error.exit_code, debug)
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(1)
     except Exception as exc:  # a bug: still one line, the traceback with --debug
         hint = "" if debug else " (run with --debug for a traceback)"
         _fail(f"internal error: {type(exc).__name__}: {exc}{hint}", 1, debug)

@@ -2,19 +2,23 @@
 
 The generation is pinned when the download starts, so a resumed download cannot splice two
 versions together. The stored bytes are what is checksummed (a gzip-encoded object is fetched
-as stored and, unless ``raw``, decompressed on the way out). A whole-object download is checked
-against the object's CRC32C (or MD5): a mismatch is an ``IntegrityError``, exit 3.
+as stored and, unless ``raw``, decompressed on the way out, every member of it). A whole-object
+download is checked against the object's CRC32C (or MD5): a mismatch is an ``IntegrityError``,
+exit 3. Every answer to a ranged read is checked to carry exactly the bytes asked for, and
+failures are retried by the same driver as uploads (``retry.run_with_retries``).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import re
 import time
 import urllib.parse
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -25,22 +29,28 @@ from gcsstream.checksums import encode_crc32c
 from gcsstream.errors import (
     IntegrityError,
     NotFoundError,
-    TransientError,
+    OutputClosed,
+    ServiceError,
+    SinkError,
     UsageError,
     error_for_status,
     service_message,
 )
+from gcsstream.events import Retrying
 from gcsstream.options import ObjectURL, UploadOptions
 from gcsstream.retry import (
     RETRYABLE_EXCEPTIONS,
     RETRYABLE_STATUSES,
-    Backoff,
+    Failure,
     describe_network_error,
     retry_after_seconds,
+    run_with_retries,
 )
 from gcsstream.transport import Transport
 
 PIECE = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_EMPTY_CRC32C = encode_crc32c(0)
 
 
 def parse_range(text: str) -> tuple[int, int | None]:
@@ -58,6 +68,86 @@ def parse_range(text: str) -> tuple[int, int | None]:
     if first < 0 or (last is not None and last < first):
         raise UsageError(f"not a byte range: {text!r}")
     return first, last
+
+
+def check_media_answer(
+    status: int, headers: Mapping[str, str], first: int, last: int, size: int, name: str
+) -> None:
+    """Refuse an answer to ``Range: bytes=FIRST-LAST`` that does not carry exactly those bytes.
+
+    A 200 (the whole object) is the asked range only when the whole object was asked for; a 206
+    must name the asked range in its Content-Range. Otherwise the body would be written as bytes
+    it is not.
+    """
+    asked = f"bytes={first}-{last} of {name}"
+    if status == 200:
+        if first != 0 or last != size - 1:
+            raise ServiceError(f"the service answered a read of {asked} with the whole object (200, not 206)")
+    elif status == 206:
+        content_range = headers.get("Content-Range", "")
+        match = _CONTENT_RANGE.fullmatch(content_range.strip())
+        if (
+            match is None
+            or int(match[1]) != first
+            or int(match[2]) != last
+            or (match[3] != "*" and int(match[3]) != size)
+        ):
+            raise ServiceError(f"the service answered a read of {asked} with Content-Range {content_range!r}")
+    else:
+        raise ServiceError(f"the service answered a read of {asked} with {status}")
+    length = headers.get("Content-Length")
+    if length is not None and length.strip() != str(last - first + 1):
+        raise ServiceError(f"the service answered a read of {asked} with Content-Length {length!r}")
+
+
+class Gunzip:
+    """Decompresses every member of a gzip stream (concatenated .gz files, BGZF, composed logs).
+
+    zlib stops at the end of the first member; the rest is read as further members. Zero bytes
+    between members are padding (as gzip(1) allows); anything else is an ``IntegrityError``, never
+    dropped. Output comes in pieces of at most ``PIECE`` bytes, so memory stays bounded whatever
+    the compression ratio.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._inflate: Any = None  # the member in progress, if any
+        self.members = 0
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        while data:
+            if self._inflate is None:
+                if self.members:
+                    data = data.lstrip(b"\0")
+                    if not data:
+                        return
+                self._inflate = zlib.decompressobj(wbits=31)
+            while True:
+                try:
+                    out = self._inflate.decompress(data, PIECE)
+                except zlib.error as exc:
+                    where = (
+                        f"after gzip member {self.members}" if self.members else "in its first gzip member"
+                    )
+                    raise IntegrityError(
+                        f"the stored bytes of {self._name} are not valid gzip {where} ({exc}); "
+                        "--raw writes them as stored"
+                    ) from None
+                if out:
+                    yield out
+                if self._inflate.eof:
+                    self.members += 1
+                    data = self._inflate.unused_data
+                    self._inflate = None
+                    break
+                data = self._inflate.unconsumed_tail
+                if not data and len(out) < PIECE:
+                    return
+
+    def finish(self) -> None:
+        """The stored bytes have ended: a member cut short is an error."""
+        if self._inflate is not None:
+            raise IntegrityError(f"the stored bytes of {self._name} end inside a gzip member (truncated)")
 
 
 @dataclass(frozen=True)
@@ -78,19 +168,23 @@ class Downloader:
         transport: Transport,
         options: UploadOptions | None = None,
         *,
+        on_start: Callable[[int], None] | None = None,
         on_progress: Callable[[int], None] | None = None,
+        on_retry: Callable[[Retrying], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._transport = transport
         self._options = options or UploadOptions()
+        self._on_start = on_start
         self._on_progress = on_progress
+        self._on_retry = on_retry
         self._sleep = sleep
         self._clock = clock
 
     def object_resource(self, source: ObjectURL) -> dict[str, Any]:
-        response = self._get(self._object_url(source), {})
-        return json.loads(response.content)
+        """The object's metadata (retried like any request)."""
+        return self._retrying(lambda _: self._resource_once(source), doing=lambda: f"reading {source}")
 
     def download(
         self,
@@ -99,63 +193,145 @@ class Downloader:
         *,
         byte_range: tuple[int, int | None] | None = None,
         raw: bool = False,
+        sink_name: str = "the output",
     ) -> DownloadResult:
         started = self._clock()
         resource = self.object_resource(source)
-        generation = int(resource["generation"])
-        size = int(resource["size"])
-        first, last = byte_range or (0, None)
-        if first < 0:
-            first = max(0, size + first)
-        last = size - 1 if last is None or last >= size else last
-        whole = first == 0 and last == size - 1
+        generation = _field(resource, "generation", source)
+        size = _field(resource, "size", source) if "size" in resource else None
+        if size is None and byte_range is not None:
+            raise ServiceError(f"the object resource of {source} has no size: a byte range cannot be read")
         gzip = resource.get("contentEncoding") == "gzip" and not raw
-        if gzip and not whole:
-            raise UsageError("a byte range of a gzip-encoded object needs --raw (the stored bytes)")
+        sink_out = _Sink(sink, sink_name)
+        inflate = Gunzip(str(source)) if gzip else None
         crc = 0
         md5 = hashlib.md5(usedforsecurity=False) if self._options.use_md5 else None
-        inflate = zlib.decompressobj(wbits=31) if gzip else None
-        offset = first
         url = self._object_url(source, media=True, generation=generation)
-        backoff = self._backoff()
-        while offset <= last:
-            headers = {"Accept-Encoding": "gzip", "Range": f"bytes={offset}-{last}"}
-            try:
-                response = self._get(url, headers, stream=True)
-                # read1, not stream(): stream() waits to fill each piece, so a broken connection
-                # would lose the bytes of the piece in progress and resume earlier than it reached.
-                while piece := response.raw.read1(PIECE, decode_content=False):
-                    crc = google_crc32c.extend(crc, piece)
-                    if md5 is not None:
-                        md5.update(piece)
-                    sink.write(inflate.decompress(piece) if inflate else piece)
-                    offset += len(piece)
-                    if self._on_progress is not None:
-                        self._on_progress(offset - first)
-                response.close()
-                if offset <= last:
-                    raise requests.ConnectionError("the response ended early")
-            except RETRYABLE_EXCEPTIONS + (_Transient,) as exc:
-                reason = exc.reason if isinstance(exc, _Transient) else describe_network_error(exc)
-                delay = backoff.next_delay(getattr(exc, "retry_after", None))
-                if delay is None:
-                    raise TransientError(
-                        f"gave up reading {source} at byte {offset} after {backoff.elapsed:.0f} s: {reason}"
-                    ) from None
-                self._sleep(delay)
-                continue
-            backoff = self._backoff()  # progress made: a new run of failures starts afresh
+
+        def take(piece: bytes) -> None:
+            nonlocal crc
+            crc = google_crc32c.extend(crc, piece)
+            if md5 is not None:
+                md5.update(piece)
+            for out in inflate.feed(piece) if inflate is not None else (piece,):
+                sink_out.write(out)
+
+        if size is None:  # allowed only for an empty object, checked below by its checksums
+            received = self._retrying(lambda _: self._read_unsized(url, source, take))
+            first, whole = 0, True
+        else:
+            first, last = byte_range or (0, None)
+            if first < 0:
+                first = max(0, size + first)
+            last = size - 1 if last is None or last >= size else last
+            whole = first == 0 and last == size - 1
+            if gzip and not whole:
+                raise UsageError("a byte range of a gzip-encoded object needs --raw (the stored bytes)")
+            if self._on_start is not None:
+                self._on_start(max(0, last - first + 1))
+            position = [first]
+
+            def fetch(_: bool) -> None:
+                self._read_range(url, source, position, last, size, take, first)
+
+            self._retrying(
+                fetch,
+                progress=lambda: position[0],
+                doing=lambda: f"reading {source} at byte {position[0]}",
+            )
+            received = position[0] - first
         if inflate is not None:
-            sink.write(inflate.flush())
-        sink.flush()
+            inflate.finish()
+        sink_out.flush()
+        if size is None and received:
+            raise ServiceError(f"the object resource of {source} has no size, and its media is not empty")
         verified = self._verify(source, resource, crc, md5) if whole else ()
+        if size is None and not verified:
+            raise ServiceError(f"the object resource of {source} has no size, and no checksum to check")
         return DownloadResult(
             url=str(source),
             generation=generation,
-            size=offset - first,
+            size=received,
             crc32c=encode_crc32c(crc) if whole else None,
             verified=verified,
             seconds=self._clock() - started,
+        )
+
+    def _resource_once(self, source: ObjectURL) -> dict[str, Any]:
+        response = self._get(self._object_url(source), {})
+        try:
+            resource = json.loads(response.content)
+        except ValueError:
+            raise ServiceError(f"the object resource of {source} is not JSON") from None
+        if not isinstance(resource, dict):
+            raise ServiceError(f"the object resource of {source} is not a JSON object")
+        return resource
+
+    def _read_range(
+        self,
+        url: str,
+        source: ObjectURL,
+        position: list[int],
+        last: int,
+        size: int,
+        take: Callable[[bytes], None],
+        first: int,
+    ) -> None:
+        """One GET of ``position[0]..last``; ``position`` advances with every piece taken."""
+        if position[0] > last:
+            return
+        headers = {"Accept-Encoding": "gzip", "Range": f"bytes={position[0]}-{last}"}
+        response = self._get(url, headers, stream=True)
+        with contextlib.closing(response):
+            check_media_answer(response.status_code, response.headers, position[0], last, size, str(source))
+            # read1, not stream(): stream() waits to fill each piece, so a broken connection
+            # would lose the bytes of the piece in progress and resume earlier than it reached.
+            while position[0] <= last:
+                piece = response.raw.read1(min(PIECE, last + 1 - position[0]), decode_content=False)
+                if not piece:
+                    raise requests.ConnectionError("the response ended early")
+                take(piece)
+                position[0] += len(piece)
+                if self._on_progress is not None:
+                    self._on_progress(position[0] - first)
+            if response.raw.read1(1, decode_content=False):
+                raise ServiceError(
+                    f"the service sent more than the {last + 1 - first} bytes asked of {source}"
+                )
+
+    def _read_unsized(self, url: str, source: ObjectURL, take: Callable[[bytes], None]) -> int:
+        """The media of an object whose resource has no size: it must be empty (one byte is enough
+        to tell)."""
+        response = self._get(url, {"Accept-Encoding": "gzip"}, stream=True)
+        with contextlib.closing(response):
+            if response.status_code != 200:
+                raise ServiceError(f"the service answered a read of {source} with {response.status_code}")
+            piece = response.raw.read1(1, decode_content=False)
+        take(piece)
+        return len(piece)
+
+    def _retrying(
+        self,
+        attempt: Callable[[bool], Any],
+        *,
+        progress: Callable[[], int] | None = None,
+        doing: Callable[[], str] | None = None,
+    ) -> Any:
+        opts = self._options
+        on_retry = self._on_retry
+        return run_with_retries(
+            attempt,
+            transient=_transient,
+            initial=opts.retry_initial_delay,
+            maximum=opts.retry_max_delay,
+            deadline=opts.retry_deadline,
+            on_retry=None
+            if on_retry is None
+            else lambda failure, delay, attempts: on_retry(Retrying(failure.reason, delay, attempts)),
+            progress=progress,
+            doing=doing,
+            sleep=self._sleep,
+            clock=self._clock,
         )
 
     def _verify(self, source: ObjectURL, resource: dict[str, Any], crc: int, md5: Any) -> tuple[str, ...]:
@@ -205,10 +381,6 @@ class Downloader:
         suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
         return f"{self._transport.endpoint}/storage/v1/b/{bucket}/o/{name}{suffix}"
 
-    def _backoff(self) -> Backoff:
-        opts = self._options
-        return Backoff(opts.retry_initial_delay, opts.retry_max_delay, opts.retry_deadline, self._clock)
-
 
 class _Transient(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
@@ -221,3 +393,49 @@ def _name_of(url: str) -> str:
     path = urllib.parse.urlsplit(url).path
     bucket, _, name = path.partition("/storage/v1/b/")[2].partition("/o/")
     return f"gs://{urllib.parse.unquote(bucket)}/{urllib.parse.unquote(name)}"
+
+
+def _transient(exc: BaseException) -> Failure | None:
+    """What the retry driver may retry: transient statuses and network failures, nothing else."""
+    if isinstance(exc, _Transient):
+        return Failure(exc.reason, exc.retry_after)
+    if isinstance(exc, RETRYABLE_EXCEPTIONS):
+        return Failure(describe_network_error(exc))
+    return None
+
+
+def _field(resource: dict[str, Any], key: str, source: ObjectURL) -> int:
+    """A non-negative integer field of an object resource; a clear error when it is not one."""
+    value = resource.get(key)
+    try:
+        number = int(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else -1
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ServiceError(f"the object resource of {source} has no valid {key} ({value!r})")
+    return number
+
+
+class _Sink:
+    """The output: a failure to write it is a ``SinkError`` (never a network error to retry)."""
+
+    def __init__(self, sink: BinaryIO, name: str) -> None:
+        self._sink = sink
+        self._name = name
+
+    def write(self, data: bytes) -> None:
+        with self._errors():
+            self._sink.write(data)
+
+    def flush(self) -> None:
+        with self._errors():
+            self._sink.flush()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except BrokenPipeError:
+            raise OutputClosed(f"{self._name} was closed by its reader") from None
+        except OSError as exc:
+            raise SinkError(f"writing {self._name}: {exc.strerror or exc}") from None

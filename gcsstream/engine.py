@@ -48,9 +48,10 @@ from gcsstream.redact import redact
 from gcsstream.retry import (
     RETRYABLE_EXCEPTIONS,
     RETRYABLE_STATUSES,
-    Backoff,
+    Failure,
     describe_network_error,
     retry_after_seconds,
+    run_with_retries,
 )
 from gcsstream.session import Request, ResumableSession, held_bytes, initiate_url, status_request
 from gcsstream.sources import ChunkSource
@@ -289,21 +290,20 @@ class Uploader:
     def _retrying(self, attempt: Callable[[bool], T]) -> T:
         """Run ``attempt(retried)`` until it succeeds, a permanent error, or the deadline."""
         opts = self._options
-        backoff = Backoff(opts.retry_initial_delay, opts.retry_max_delay, opts.retry_deadline, self._clock)
-        retried = False
-        while True:
-            try:
-                return attempt(retried)
-            except _Retryable as failure:
-                delay = backoff.next_delay(failure.retry_after)
-                if delay is None:
-                    raise TransientError(
-                        f"gave up after {backoff.attempts} attempts over {backoff.elapsed:.0f} s "
-                        f"(--retry-deadline {opts.retry_deadline:g}): {failure.reason}"
-                    ) from None
-                self._emit(Retrying(failure.reason, delay, backoff.attempts))
-                self._sleep(delay)
-                retried = True
+
+        def transient(exc: BaseException) -> Failure | None:
+            return Failure(exc.reason, exc.retry_after) if isinstance(exc, _Retryable) else None
+
+        return run_with_retries(
+            attempt,
+            transient=transient,
+            initial=opts.retry_initial_delay,
+            maximum=opts.retry_max_delay,
+            deadline=opts.retry_deadline,
+            on_retry=lambda failure, delay, attempts: self._emit(Retrying(failure.reason, delay, attempts)),
+            sleep=self._sleep,
+            clock=self._clock,
+        )
 
     def _send(self, request: Request, destination: ObjectURL) -> requests.Response:
         """One HTTP exchange; transient failures become ``_Retryable``, others typed errors."""

@@ -73,6 +73,18 @@ class ServiceError(GcsstreamError):
     exit_code = 1
 
 
+class SinkError(GcsstreamError):
+    """Writing the output failed (a full disk, an I/O error): not the network's fault, not retried."""
+
+    exit_code = 1
+
+
+class OutputClosed(SinkError):
+    """The reader of the output went away (``cat | head``): stop quietly, as if killed by SIGPIPE."""
+
+    exit_code = 141
+
+
 class TransientError(GcsstreamError):
     """Retries ran out (deadline reached); the upload session is left open to be resumed."""
 

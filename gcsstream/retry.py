@@ -9,10 +9,13 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import requests
 import urllib3
 from google.auth import exceptions as auth_exceptions
+
+from gcsstream.errors import TransientError
 
 #: Statuses the service documents as transient.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -171,3 +174,67 @@ def describe_network_error(exc: BaseException) -> str:
     if "Name or service not known" in text or "NameResolutionError" in text:
         return "cannot resolve the endpoint's host name"
     return f"network error ({type(exc).__name__})"
+
+
+# -- the retry driver: one loop for uploads and downloads ------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A transient failure as the driver sees it: why, and how long the service asked to wait."""
+
+    reason: str
+    retry_after: float | None = None
+
+
+def run_with_retries(
+    attempt: Callable[[bool], T],
+    *,
+    transient: Callable[[BaseException], Failure | None],
+    initial: float,
+    maximum: float,
+    deadline: float,
+    on_retry: Callable[[Failure, float, int], None] | None = None,
+    progress: Callable[[], int] | None = None,
+    doing: Callable[[], str] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> T:
+    """Run ``attempt(retried)`` until it succeeds, fails permanently, or the deadline passes.
+
+    ``transient`` classifies an exception (None: permanent, re-raised as it is). ``progress``
+    returns a count that grows when an attempt got somewhere (bytes received): a failure after
+    progress starts a new run of failures, with a fresh backoff and deadline. ``doing`` names
+    the work for the give-up message (``TransientError``, exit 75).
+    """
+
+    def new_run() -> Backoff:
+        return Backoff(initial, maximum, deadline, clock, rng or random.Random())
+
+    backoff = new_run()
+    reached = progress() if progress is not None else 0
+    retried = False
+    while True:
+        try:
+            return attempt(retried)
+        except Exception as exc:
+            failure = transient(exc)
+            if failure is None:
+                raise
+            if progress is not None and progress() > reached:
+                reached = progress()
+                backoff = new_run()
+            delay = backoff.next_delay(failure.retry_after)
+            if delay is None:
+                what = f" {doing()}" if doing is not None else ""
+                raise TransientError(
+                    f"gave up{what} after {backoff.attempts} attempts over {backoff.elapsed:.0f} s "
+                    f"(--retry-deadline {deadline:g}): {failure.reason}"
+                ) from None
+            if on_retry is not None:
+                on_retry(failure, delay, backoff.attempts)
+            sleep(delay)
+            retried = True
