@@ -1731,8 +1731,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if fk == "lost":
             with sess.lock:
-                if kind == "final" and sess.writer == token and not (
-                    sess.cancelled or sess.expired or sess.finalized
+                if (
+                    kind == "final"
+                    and sess.writer == token
+                    and not (sess.cancelled or sess.expired or sess.finalized)
                 ):
                     sess.total = total
                     self._finalize(sess, p0 + kept, crc, (p0, kept))  # a refusal is answered as such
