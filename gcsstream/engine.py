@@ -53,7 +53,16 @@ from gcsstream.retry import (
     retry_after_seconds,
     run_with_retries,
 )
-from gcsstream.session import Request, ResumableSession, held_bytes, initiate_url, status_request
+from gcsstream.session import (
+    Request,
+    ResumableSession,
+    UnreadableAnswer,
+    held_bytes,
+    initiate_url,
+    parse_resource,
+    resource_int,
+    status_request,
+)
 from gcsstream.sources import ChunkSource
 from gcsstream.transport import HTTPTransport
 from gcsstream.window import ChunkWindow
@@ -215,8 +224,8 @@ class Uploader:
         result = UploadResult(
             bucket=destination.bucket,
             name=destination.name,
-            generation=int(stored.get("generation", 0)),
-            size=int(stored.get("size", 0)),
+            generation=resource_int(stored, "generation") or 0,
+            size=window.total or 0,
             crc32c=stored.get("crc32c"),
             md5=stored.get("md5Hash"),
             seconds=self._clock() - started,
@@ -230,9 +239,11 @@ class Uploader:
 
     def session_status(self, session_uri: str, destination: ObjectURL) -> int | dict[str, Any]:
         """The bytes an unfinished session holds, or the object resource once it has finished."""
-        response = self._retrying(lambda _: self._send(status_request(session_uri), destination))
+        response = self._retrying(
+            lambda _: self._readable(self._send(status_request(session_uri), destination))
+        )
         held = held_bytes(response)
-        return json.loads(response.content) if held is None else held
+        return parse_resource(response) if held is None else held
 
     def cancel(self, session_uri: str, destination: ObjectURL) -> bool:
         """Cancel a session on the service; False if the service no longer knew it."""
@@ -254,10 +265,10 @@ class Uploader:
         self, session: ResumableSession, window: ChunkWindow, resume: Resume, destination: ObjectURL
     ) -> int:
         """Ask an existing session what it holds; skip that much of the input, checking it."""
-        response = self._retrying(lambda _: self._send(session.prepare_status(), destination))
+        response = self._retrying(lambda _: self._readable(self._send(session.prepare_status(), destination)))
         held = session.process_resume_status(response, resume.verify[0] if resume.verify else 0)
         if held is None:  # it had finished: check the whole input against the object
-            held = int(json.loads(response.content).get("size", 0))
+            held = resource_int(parse_resource(response), "size") or 0
             window.begin_at(held, verify=resume.verify)
             window.start()
             if window.read(1):
@@ -278,14 +289,36 @@ class Uploader:
 
     def _transmit_next_chunk(self, session: ResumableSession, resync: bool, destination: ObjectURL) -> None:
         """Send the next chunk; after a failure, first ask the session what it holds."""
-        if resync:
-            session.process_status(self._send(session.prepare_status(), destination))
-            if session.finished:
-                return  # the final chunk had arrived; only its answer was lost
-        request = session.prepare_chunk()
-        size = len(request[2] or b"")
-        self._emit(ChunkSending(session.bytes_uploaded, session.bytes_uploaded + size))
-        session.process_chunk(self._send(request, destination), size)
+        try:
+            if resync:
+                session.process_status(self._send(session.prepare_status(), destination))
+                if session.finished:
+                    return  # the final chunk had arrived; only its answer was lost
+            request = session.prepare_chunk()
+            size = len(request[2] or b"")
+            before = session.bytes_uploaded
+            self._emit(ChunkSending(before, before + size))
+            session.process_chunk(self._send(request, destination), size)
+        except UnreadableAnswer as exc:  # the object may exist: ask the session again
+            raise _Retryable(str(exc)) from None
+        if not session.finished and session.bytes_uploaded <= before:
+            # An answer that confirms nothing is no progress: it counts as a failed attempt, so
+            # a server that never moves on meets --retry-deadline instead of being fed forever.
+            raise _Retryable(
+                f"the service kept none of the {size} bytes sent"
+                if size
+                else "the service did not finish the upload"
+            )
+
+    @staticmethod
+    def _readable(response: requests.Response) -> requests.Response:
+        """A status answer whose object resource cannot be read is asked again."""
+        if response.status_code in (200, 201):
+            try:
+                parse_resource(response)
+            except UnreadableAnswer as exc:
+                raise _Retryable(str(exc)) from None
+        return response
 
     def _retrying(self, attempt: Callable[[bool], T]) -> T:
         """Run ``attempt(retried)`` until it succeeds, a permanent error, or the deadline."""
@@ -362,9 +395,13 @@ class Uploader:
         if recorder is not None:
             recorder.finished()
         if session.resource is not None and "generation" in session.resource:
+            generation = session.resource["generation"]
+            if not session.created_here:
+                return f"; {destination}#{generation} was not created by this run and was left as it is"
+            if not session.proven_wrong:
+                return f"; {destination}#{generation} could not be checked and was left as it is"
             name = urllib.parse.quote(destination.name, safe="")
             bucket = urllib.parse.quote(destination.bucket, safe="")
-            generation = session.resource["generation"]
             url = f"{self._transport.endpoint}/storage/v1/b/{bucket}/o/{name}?generation={generation}"
             try:
                 status = self._transport.request("DELETE", url).status_code

@@ -12,7 +12,15 @@ subclass adds what the real service needs and the base lacks (see shared PROTOCO
 - a status query that finds the upload finished (200/201) completes it;
 - a Range beyond the bytes sent is an integrity error; held counts from status queries are taken
   in whole 256 KiB units (``held_bytes``); after a short Range one shorter chunk realigns the
-  rest with the window's buffers (no copies).
+  rest with the window's buffers (no copies);
+- whatever an answer confirms (a chunk's 308, or a status query that finds lost answers) is
+  released from the window at once, so the reader can go on however many answers were lost;
+- an object resource that cannot be read (cut short, not JSON) is ``UnreadableAnswer``: the
+  object may well exist, so the engine asks again instead of giving up; a missing or malformed
+  field is an error, never a crash;
+- the session knows whether the object was created by this run's own final request
+  (``created_here``) and whether its checks proved it wrong (``proven_wrong``): only both
+  together allow deleting it.
 
 The stream is a ``ChunkWindow``; the engine sends what this class prepares.
 """
@@ -88,6 +96,32 @@ def is_final_range(content_range: str) -> bool:
     return int(span.partition("-")[2]) + 1 == int(total)
 
 
+class UnreadableAnswer(Exception):
+    """The service answered 200/201 but its object resource could not be read: ask again."""
+
+
+def resource_int(resource: dict[str, Any], name: str) -> int | None:
+    """An integer field of an object resource (the JSON API sends them as strings), or None if
+    it is absent; a malformed value is an error, never a crash."""
+    value = resource.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+        raise IntegrityError(f"the service's object resource has a malformed {name}: {str(value)[:40]!r}")
+    return int(value)
+
+
+def parse_resource(response: requests.Response) -> dict[str, Any]:
+    """The object resource in a 200/201 answer; ``UnreadableAnswer`` if it is not one."""
+    try:
+        resource = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        raise UnreadableAnswer("the service's answer to the final request could not be read") from None
+    if not isinstance(resource, dict):
+        raise UnreadableAnswer("the service's answer to the final request is not an object resource")
+    return resource
+
+
 class ResumableSession(ResumableUpload):
     """One object's resumable session, reading its bytes from a ``ChunkWindow``."""
 
@@ -108,6 +142,12 @@ class ResumableSession(ResumableUpload):
         #: The object resource once the service has created the object (even a bad one).
         self.resource: dict[str, Any] | None = None
         self._sent_end = 0  # the end of the furthest chunk sent: no Range may claim more
+        self._sent_final = False  # this run sent the request that completes the object
+        self._last_was_final = False
+        #: The object was created by this run's own final request (not found finished).
+        self.created_here = False
+        #: The object's size or checksums were compared and differ from what was read.
+        self.proven_wrong = False
 
     # -- initiate -------------------------------------------------------------------------------
 
@@ -160,7 +200,9 @@ class ResumableSession(ResumableUpload):
         finally:
             self._chunk_size = chunk_size
         self._sent_end = max(self._sent_end, position + len(payload))
-        if is_final_range(headers["content-range"]):
+        self._last_was_final = is_final_range(headers["content-range"])
+        if self._last_was_final:
+            self._sent_final = True
             goog_hash = self._window.checksums.goog_hash_header(
                 crc32c=self._verify_crc32c, md5=self._verify_md5
             )
@@ -172,6 +214,10 @@ class ResumableSession(ResumableUpload):
         self._process_resumable_response(response, bytes_sent)
 
     def _process_resumable_response(self, response: requests.Response, bytes_sent: int) -> None:
+        if response.status_code in (200, 201):
+            # Only an answer to our own final request means that we created the object; a chunk
+            # answered with the object found the upload finished by someone else.
+            self.created_here = self._last_was_final
         if response.status_code == 308 and "range" not in response.headers:
             self._bytes_uploaded = 0  # the service's way of saying "nothing persisted yet"
         else:
@@ -179,6 +225,7 @@ class ResumableSession(ResumableUpload):
         if response.status_code == 308:
             self._check_not_beyond_sent()
             self._window.seek(self._bytes_uploaded)  # resend whatever was not persisted
+            self._window.release(self._bytes_uploaded)
 
     # -- status query (after a failure) ---------------------------------------------------------
 
@@ -187,10 +234,13 @@ class ResumableSession(ResumableUpload):
 
     def process_status(self, response: requests.Response) -> None:
         if response.status_code in (200, 201):
+            # Finished: by our own final request whose answer was lost, or (if we never sent
+            # one, e.g. when resuming) by someone else.
+            self.created_here = self._sent_final
             self._invalid = False
             self._finished = True
             self._validate_checksum(response)
-            self._bytes_uploaded = int(self.resource["size"]) if self.resource else 0
+            self._bytes_uploaded = self._window.total or 0
             return
         # The base's _process_recover_response, but in whole units above what was confirmed (a
         # chunk's own 308 may have confirmed an odd offset): see ``held_bytes``.
@@ -199,6 +249,7 @@ class ResumableSession(ResumableUpload):
         self._bytes_uploaded = resend_from
         self._check_not_beyond_sent()
         self._window.seek(resend_from)
+        self._window.release(resend_from)  # lost answers: the service holds more than we saw
         self._invalid = False
 
     def _check_not_beyond_sent(self) -> None:
@@ -223,21 +274,35 @@ class ResumableSession(ResumableUpload):
 
     def _validate_checksum(self, response: requests.Response) -> None:
         try:
-            self.resource = json.loads(response.content)
-        except ValueError:
-            raise IntegrityError("the service finished the upload but sent no object resource") from None
-        resource = self.resource
+            resource = parse_resource(response)
+        except UnreadableAnswer:
+            self._finished = False  # not known to be finished until an answer says so readably
+            raise
+        self.resource = resource
+        resource_int(resource, "generation")  # malformed: an error here, not a crash later
         total = self._window.total
-        size = int(resource.get("size", -1))
-        if total is None or size != total:
-            read = self._window.bytes_read if total is None else total
-            raise IntegrityError(f"the service stored {size} bytes but {read} were read")
+        if total is None:  # the upload was finished by someone else before we read everything
+            raise IntegrityError(
+                f"the upload was finished by another request or process before all the input was "
+                f"read ({self._window.bytes_read} bytes so far): it cannot be checked"
+            )
         checksums = self._window.checksums
-        expected = []
+        expected: list[tuple[str, str | None, Any]] = []
         if self._verify_crc32c:
             expected.append(("crc32c", checksums.crc32c_b64, resource.get("crc32c")))
         if self._verify_md5:
             expected.append(("md5Hash", checksums.md5_b64, resource.get("md5Hash")))
+        size = resource_int(resource, "size")
+        if size is None and total == 0 and expected and all(ours == theirs for _, ours, theirs in expected):
+            size = 0  # some servers omit the size of an empty object; its checksums agree
+        if size is None:
+            raise IntegrityError(f"the service's object resource has no size ({total} bytes were read)")
+        if size != total:
+            self.proven_wrong = True
+            raise IntegrityError(f"the service stored {size} bytes but {total} were read")
         for field, ours, theirs in expected:
+            if theirs is None:
+                raise IntegrityError(f"the service's object resource has no {field} to check")
             if ours != theirs:
-                raise IntegrityError(f"{field} mismatch: read {ours}, the service stored {theirs or 'none'}")
+                self.proven_wrong = True
+                raise IntegrityError(f"{field} mismatch: read {ours}, the service stored {theirs}")

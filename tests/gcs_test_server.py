@@ -107,6 +107,7 @@ FAULT_KINDS = (
     "unauthorized",
     "trickle",
     "corrupt_download",
+    "lost",
 )
 
 REQUEST_KINDS = (
@@ -127,7 +128,7 @@ REQUEST_KINDS = (
 _SESSION_PUT_KINDS = ("chunk", "final", "status")
 _TARGETS = (*REQUEST_KINDS, "put", "any")
 _RETRYABLE = (408, 429, 500, 502, 503, 504)
-_DEFAULT_STATUS = {"status": 503, "expire": 410, "unauthorized": 401}
+_DEFAULT_STATUS = {"status": 503, "expire": 410, "unauthorized": 401, "lost": 503}
 
 _REASONS = {
     200: "OK",
@@ -205,8 +206,13 @@ class Fault:
 
     Parameters (``None`` = the kind's default):
 
-    * ``status``: HTTP status for kind ``status`` (default 503), ``expire`` (410; 404 allowed) and
-      ``unauthorized`` (401).
+    * ``status``: HTTP status for kind ``status`` (default 503), ``expire`` (410; 404 allowed),
+      ``unauthorized`` (401) and ``lost`` (503).
+
+    Kind ``lost`` is a lost answer: the whole chunk is kept (a final one creates the object), and
+    then the answer is ``status`` instead of 308 or 200, as when the service's answer never
+    reaches the client.  (A reset after the whole body, ``Fault("reset", after_bytes=LEN)``, is
+    the other way an answer gets lost.)
     * ``retry_after``: seconds for ``Retry-After`` (sent with status 429, default 1, or whenever set).
     * ``after_bytes``: body position for ``reset`` (default: half the body) and ``stall`` (default
       0, i.e. before the body); for downloads the position in the response body (``stall`` with
@@ -276,7 +282,7 @@ class FaultPlan:
     Thread-safe; ``history`` lists ``(request kind, fault)`` for every fault applied, in order.
     """
 
-    DEFAULT_RANDOM_KINDS = ("status", "reset", "partial")
+    DEFAULT_RANDOM_KINDS = ("status", "reset", "partial", "lost")
 
     def __init__(self, faults: Iterable[Fault] = ()) -> None:
         self._lock = threading.Lock()
@@ -395,6 +401,11 @@ class FaultPlan:
             f = Fault(fk, on=kind, after_bytes=pos, seconds=self.stall_seconds)
         elif fk == "trickle":
             f = Fault(fk, on=kind, rate=1024 * 1024, seconds=0.2)
+        elif fk == "lost":  # the whole chunk kept, then 503 or a reset after the body
+            if rng.random() < 0.5:
+                f = Fault(fk, on=kind, status=rng.choice(_RETRYABLE), retry_after=0)
+            else:
+                f = Fault("reset", on=kind, after_bytes=body_len)
         else:
             f = Fault(fk, on=kind)
         f.fired = 1
@@ -996,7 +1007,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _apply_status_fault(self, fault: Fault) -> bool:
         """status / unauthorized (and expire outside sessions): answer the fault's status."""
-        if fault.kind not in ("status", "unauthorized", "expire"):
+        if fault.kind not in ("status", "unauthorized", "expire", "lost"):
             return False
         headers = []
         if fault.kind == "unauthorized":
@@ -1716,6 +1727,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HttpError(400, "request body is shorter than its Content-Range")
         if fk == "status":
             self._commit(sess, token, p0, kept, crc)
+            self._apply_status_fault(fault)
+            return
+        if fk == "lost":
+            with sess.lock:
+                if (
+                    kind == "final"
+                    and sess.writer == token
+                    and not (sess.cancelled or sess.expired or sess.finalized)
+                ):
+                    sess.total = total
+                    self._finalize(sess, p0 + kept, crc, (p0, kept))  # a refusal is answered as such
+            if kind != "final":
+                self._commit(sess, token, p0, kept, crc, total)
             self._apply_status_fault(fault)
             return
         if kind == "final" and kept == new_len:

@@ -29,7 +29,7 @@ from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 RUNS = int(os.environ.get("GCSSTREAM_SOAK_RUNS", "40"))
 FIRST_SEED = int(os.environ.get("GCSSTREAM_SOAK_SEED", "0"))
 BUCKET = "soak"
-FAULT_KINDS = ("status", "reset", "partial", "stall", "trickle")
+FAULT_KINDS = ("status", "reset", "partial", "stall", "trickle", "lost")
 #: What a failed run may exit with: transient after retries (75), and nothing else here,
 #: because every fault the server injects is one the service documents as retryable.
 ALLOWED_FAILURES = {75}
