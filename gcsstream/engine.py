@@ -9,7 +9,6 @@ resend, and reports progress as events. It never touches a terminal.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.parse
 from collections.abc import Callable

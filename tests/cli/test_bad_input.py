@@ -271,6 +271,23 @@ def test_unwritable_state_directory(env, tmp_path, row):
     assert_row(code, err, row)
 
 
+@covers("state directory others may write", 2, "is writable by other users")
+def test_state_directory_others_may_write(env, tmp_path, row):
+    shared = tmp_path / "shared-state"
+    shared.mkdir()
+    shared.chmod(0o777)
+    code, err = put(f"- gs://{BUCKET}/o", {**env, "GCSSTREAM_STATE_DIR": str(shared)})
+    assert_row(code, err, row)
+    assert f"chmod 700 {shared}" in err, err
+
+
+@covers("standard input closed", 2, "standard input is closed")
+def test_standard_input_closed(env, server, row):
+    code, err = put(f"- gs://{BUCKET}/closed-stdin", env, stdin="", runner="exec 0<&-;")
+    assert_row(code, err, row)
+    assert server.object_resource(BUCKET, "closed-stdin") is None
+
+
 def test_readme_table_matches_the_tests():
     text = README.read_text()
     section = text[text.index("## Bad input") :]
