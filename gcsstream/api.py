@@ -422,14 +422,13 @@ def upload(
 
 
 # help(upload) shows the keyword arguments it takes: open_upload's.
-upload.__signature__ = inspect.signature(
-    upload
-).replace(  # type: ignore[attr-defined]
+_upload_signature = inspect.signature(upload).replace(
     parameters=[
         *list(inspect.signature(upload).parameters.values())[:2],
         *list(inspect.signature(open_upload).parameters.values())[1:],
     ]
 )
+upload.__signature__ = _upload_signature  # type: ignore[attr-defined]
 
 
 def _source(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes]) -> ChunkSource:

@@ -145,7 +145,7 @@ class _Display:
         row = Table.grid(padding=(0, 1))
         bar = ProgressBar(total=size if size else None, completed=persisted, width=30)
         amount = f"{human_bytes(persisted)}/{human_bytes(size)}" if size else human_bytes(persisted)
-        cells: list[object] = [Text(self.state.label, style="bold"), bar]
+        cells: list[Text | ProgressBar] = [Text(self.state.label, style="bold"), bar]
         if size:
             cells.append(Text(f"{persisted / size:4.0%}" if size else "", style="magenta"))
         cells += [Text(amount, style="green"), Text(f"{rate / 1e6:.1f} MB/s", style="cyan")]
@@ -153,7 +153,7 @@ class _Display:
         if size and rate > 0 and persisted < size:
             cells.append(Text(f"ETA {human_duration((size - persisted) / rate)}", style="yellow"))
         row.add_row(*cells)
-        lines: list[object] = [row]
+        lines: list[Table | Text] = [row]
         detail = f"{self.verb} {human_bytes(sent)}, confirmed by the service {human_bytes(persisted)}"
         lines.append(Text(f"  {detail}" + (f" · {note}" if note else ""), style="dim"))
         return Group(*lines)

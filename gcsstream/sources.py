@@ -218,7 +218,7 @@ class IterableSource:
                 if not piece:  # b"", or None from a non-blocking read: nothing yet, not the end
                     continue
                 # bytes are kept as they are; a caller may reuse a bytearray, so copy that
-                self._piece, self._used = (piece if isinstance(piece, bytes) else bytes(piece)), 0
+                self._piece, self._used = (piece if isinstance(piece, bytes) else bytes(piece)), 0  # type: ignore[call-overload]
                 continue
             take = min(n - have, len(self._piece) - self._used)
             if take == len(self._piece):
