@@ -200,7 +200,10 @@ class Uploader:
                 recorder.started(str(session.resumable_url))
             self._emit(UploadStarted(str(destination), expected, opts.chunk_size, resumed_at))
             while not session.finished:
-                self._retrying(lambda retried: self._transmit_next_chunk(session, retried, destination))
+                self._retrying(
+                    lambda retried: self._transmit_next_chunk(session, retried, destination),
+                    progress=lambda: window.confirmed[0],
+                )
                 window.release(session.bytes_uploaded)
                 if recorder is not None:
                     recorder.persisted(*window.confirmed)
@@ -319,8 +322,11 @@ class Uploader:
                 raise _Retryable(str(exc)) from None
         return response
 
-    def _retrying(self, attempt: Callable[[bool], T]) -> T:
-        """Run ``attempt(retried)`` until it succeeds, a permanent error, or the deadline."""
+    def _retrying(self, attempt: Callable[[bool], T], progress: Callable[[], int] | None = None) -> T:
+        """Run ``attempt(retried)`` until it succeeds, a permanent error, or the deadline.
+
+        ``progress`` counts the bytes confirmed: a failure after progress (lost answers whose
+        bytes a status query confirmed) starts a new run of failures, as for downloads."""
         opts = self._options
 
         def transient(exc: BaseException) -> Failure | None:
@@ -333,6 +339,7 @@ class Uploader:
             maximum=opts.retry_max_delay,
             deadline=opts.retry_deadline,
             on_retry=lambda failure, delay, attempts: self._emit(Retrying(failure.reason, delay, attempts)),
+            progress=progress,
             sleep=self._sleep,
             clock=self._clock,
         )

@@ -222,3 +222,14 @@ def test_resuming_a_finished_session_with_the_same_input_succeeds():
     )
     assert again.generation == first.generation and again.size == len(data)
     assert "delete" not in service.kinds()
+
+
+def test_every_answer_lost_but_every_chunk_kept_is_progress_not_a_run_of_failures():
+    """The status queries confirm each lost chunk: that is progress, so the backoff starts again
+    instead of adding up across the whole upload until the deadline."""
+    data = os.urandom(10 * CHUNK + 1)
+    service = FakeService()
+    service.fail("chunk", *[delivered_then(response(503), data, service) for _ in range(10)])
+    result, clock = run(service, data, retry_deadline=20, retry_initial_delay=1, retry_max_delay=32)
+    assert stored(service) == data and result.size == len(data)
+    assert max(clock.sleeps) <= 1  # every failure was the first of its run
