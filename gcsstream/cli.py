@@ -861,7 +861,13 @@ def _raise_sigterm(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    previous = {signum: signal.signal(signum, _raise_sigterm) for signum in _STOPPED_BY}
+    # A signal the parent chose to ignore stays ignored: `nohup gcsstream put ...` must survive
+    # the terminal hanging up.
+    previous = {
+        signum: signal.signal(signum, _raise_sigterm)
+        for signum in _STOPPED_BY
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
     try:
         yield
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_stored
 from tests.gcs_test_server import QUANTUM, Fault, GcsTestServer
 
 BUCKET = "producer"
@@ -169,3 +170,24 @@ def test_producer_that_ignores_sigterm_is_killed_after_the_grace_period(
     rc, err = run.finish(timeout=120)  # PRODUCER_GRACE (5 s) after SIGTERM
     assert rc == 4, err
     assert_gone(leader, child)
+
+
+def test_a_hangup_that_the_parent_ignores_stays_ignored(gcsstream_exe, server, tmp_path):
+    """`nohup gcsstream put ...`: SIGHUP is ignored by the parent, so the upload goes on."""
+    data = os.urandom(3 * QUANTUM + 5)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    server.faults.add(Fault("stall", on="chunk", nth=1, seconds=2))
+    proc = subprocess.Popen(
+        [gcsstream_exe, "put", "--chunk-size", str(QUANTUM), str(src), f"gs://{BUCKET}/nohup"],
+        env={**os.environ, "STORAGE_EMULATOR_HOST": server.url},
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    server.wait_for_request(lambda r: r.kind == "chunk" and r.fault is not None, 60)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert_stored(server, BUCKET, "nohup", data)
