@@ -54,6 +54,7 @@ from gcsstream.options import (
 )
 from gcsstream.progress import ProgressState, display, format_download_summary, format_summary, human_bytes
 from gcsstream.redact import RedactingFilter, redact
+from gcsstream.session import resource_int
 from gcsstream.sources import ChunkSource, FileSource, GzipSource, ProducerSource, StreamSource
 from gcsstream.transport import Transport
 
@@ -644,8 +645,8 @@ def status(
             "upload": name,
             "destination": str(destination),
             "finished": True,
-            "generation": int(state.get("generation", 0)),
-            "bytes": int(state.get("size", 0)),
+            "generation": resource_int(state, "generation") or 0,
+            "bytes": resource_int(state, "size") or 0,
             "crc32c": state.get("crc32c"),
         }
         line = f"{name} {shown}: finished, generation {summary['generation']}, {summary['bytes']} bytes"

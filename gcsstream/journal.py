@@ -371,6 +371,7 @@ class Journal:
 
     def load(self, entry_id: str) -> JournalEntry:
         path = self._path(entry_id)
+        self.check_directory()
         try:
             raw = self._read(path)
         except FileNotFoundError:
@@ -549,6 +550,7 @@ class Journal:
     def claim(self, entry_id: str) -> JournalEntry:
         """Lock an entry for this process and load it (refused with ``Busy`` if another drives it)."""
         self._path(entry_id)  # not an id: NotFoundError before any file is made
+        self.check_directory()  # before a lock file is made in it
         if not self._path(entry_id).exists():
             raise NotFoundError(f"no unfinished upload with id {entry_id!r} (see `gcsstream sessions`)")
         self.lock(entry_id)

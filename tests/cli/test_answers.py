@@ -163,3 +163,35 @@ def test_an_upload_finished_by_another_writer_is_reported_and_not_deleted(gcsstr
         generation = server.objects[(BUCKET, "obj")][1]["generation"]
         assert f"gs://{BUCKET}/obj#{generation} was not created by this run" in err
         assert server.read_object(BUCKET, "obj") == b"theirs" and not server.deleted
+
+
+class FinishedWithMalformedGeneration(Behaviour):
+    def finalize(self, request, session):
+        super().finalize(request, session)
+        session.finished = {**session.finished, "generation": "abc"}
+        return Reply.json(200, session.finished)
+
+
+def test_status_of_a_finished_session_with_a_malformed_field_is_a_clear_error(gcsstream_exe, source):
+    src, _ = source(CHUNK)
+    with WrongServer(FinishedWithMalformedGeneration()) as server:
+        put(server.url, gcsstream_exe, src)  # finishes (exit 3: the generation is malformed)
+        (session_id,) = server.sessions
+        uri = server.session_url(session_id)
+        proc = subprocess.run([gcsstream_exe, "status", uri], capture_output=True, timeout=60)
+        err = proc.stderr.decode()
+        assert proc.returncode == 3, err
+        assert "malformed generation" in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("command", ["status", "resume", "abort"])
+def test_commands_by_id_refuse_a_state_directory_others_may_write(gcsstream_exe, tmp_path, command):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    env = {**os.environ, "GCSSTREAM_STATE_DIR": str(shared)}
+    proc = subprocess.run([gcsstream_exe, command, "deadbeef"], env=env, capture_output=True, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "is writable by other users" in err
+    assert list(shared.iterdir()) == []  # no lock file was made in it
