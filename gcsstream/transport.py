@@ -327,7 +327,7 @@ class Transport:
             raise ServiceError(f"cannot reach {_origin_text(url)}: {why}") from None
         try:
             self._check_answer(response, url)
-            if not stream:
+            if not stream or response.status_code >= 400:  # an error's body is metadata too
                 self._read_answer(response)
         except BaseException:
             response.close()  # unread: the connection is dropped, not reused

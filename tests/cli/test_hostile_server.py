@@ -420,3 +420,30 @@ def test_an_unreachable_token_host_is_retried_within_the_deadline_and_announced(
     last = err.strip().splitlines()[-1]
     assert last.startswith("gcsstream: error: gave up after") and "fetching credentials" in last, err
     assert server.requests == [], "no request may go out without its credentials"
+
+
+class HugeDownloadError(HugeInitiateAnswer):
+    """A 403 to the media GET whose body is 64 MiB: an error answer is metadata, capped too."""
+
+    def media_get(self, request: Request, bucket: str, name: str) -> Reply:
+        def body():
+            try:
+                for _ in range(self.PIECES):
+                    yield b"x" * (1 << 20)
+                    self.sent += 1
+            finally:
+                self.done.set()
+
+        return Reply(403, {"Content-Type": "text/plain"}, body())
+
+
+def test_a_huge_error_answer_to_a_download_is_cut_at_the_cap(gcsstream_exe):
+    behaviour = HugeDownloadError()
+    with WrongServer(behaviour) as server:
+        server.put_object(BUCKET, "o", b"data")
+        proc = gcsstream(gcsstream_exe, "cat", "--endpoint", server.url, f"gs://{BUCKET}/o", data=b"")
+        line = error_line(proc)
+        assert proc.returncode == 1, line
+        assert "larger than 1 MiB; stopped reading it" in line
+        assert behaviour.done.wait(30), "the server is still sending: the connection was not dropped"
+        assert behaviour.sent < behaviour.PIECES and proc.stdout == b""
