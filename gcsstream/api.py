@@ -97,7 +97,7 @@ class _Plan:
                 source, self.destination, self.metadata, recorder=recorder, resume=self.resume
             )
         except GcsstreamError as exc:
-            if journaled is not None and journaled.entry is not None:
+            if journaled is not None and journaled.entry is not None and not journaled.done:
                 exc.upload_id = journaled.entry.id
                 if exc.session_uri is None:
                     exc.session_uri = journaled.entry.session_uri

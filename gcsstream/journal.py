@@ -642,3 +642,7 @@ class JournalRecorder:
     def finished(self) -> None:
         if self.entry is not None:
             self.journal.remove(self.entry.id)
+        self.done = True
+
+    #: The upload completed or was cancelled: its entry is gone, nothing is left to resume.
+    done = False

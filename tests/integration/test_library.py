@@ -297,3 +297,18 @@ def test_library_does_not_journal_unless_asked(server, opts, state_dir):
     with pytest.raises(gcsstream.TransientError) as caught:
         gcsstream.upload(os.urandom(3 * CHUNK), f"gs://{BUCKET}/plain", retry_deadline=0.5, **opts)
     assert caught.value.upload_id is None and not state_dir.exists()
+
+
+def test_a_cancelled_journaled_upload_names_no_dead_session(server, opts, state_dir):
+    """A failed source cancels the session and forgets its journal: the error must not offer
+    them for resuming (a plain upload's error carries None there too)."""
+
+    def pieces():
+        yield os.urandom(3 * CHUNK)
+        raise OSError("the producer failed")
+
+    with pytest.raises(gcsstream.SourceError, match="cancelled") as caught:
+        gcsstream.upload(pieces(), f"gs://{BUCKET}/cancelled", journal=True, **opts)
+    assert caught.value.session_uri is None and caught.value.upload_id is None
+    assert [s.cancelled for s in server.sessions()] == [True]
+    assert not list(state_dir.glob("*.json"))
