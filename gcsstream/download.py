@@ -46,6 +46,7 @@ from gcsstream.retry import (
     retry_after_seconds,
     run_with_retries,
 )
+from gcsstream.session import object_url
 from gcsstream.transport import Transport
 
 PIECE = 1 << 20
@@ -369,17 +370,14 @@ class Downloader:
         return response
 
     def _object_url(self, source: ObjectURL, *, media: bool = False, generation: int | None = None) -> str:
-        bucket = urllib.parse.quote(source.bucket, safe="")
-        name = urllib.parse.quote(source.name, safe="")
-        query: dict[str, str] = {}
-        if media:
-            query["alt"] = "media"
-        if generation is not None:
-            query["generation"] = str(generation)
-        if self._transport.user_project:
-            query["userProject"] = self._transport.user_project
-        suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
-        return f"{self._transport.endpoint}/storage/v1/b/{bucket}/o/{name}{suffix}"
+        transport = self._transport
+        return object_url(
+            transport.endpoint,
+            source,
+            media=media,
+            generation=generation,
+            user_project=transport.user_project,
+        )
 
 
 class _Transient(Exception):

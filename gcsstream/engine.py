@@ -10,7 +10,6 @@ resend, and reports progress as events. It never touches a terminal.
 from __future__ import annotations
 
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -58,6 +57,7 @@ from gcsstream.session import (
     UnreadableAnswer,
     held_bytes,
     initiate_url,
+    object_url,
     parse_resource,
     resource_int,
     status_request,
@@ -406,9 +406,12 @@ class Uploader:
                 return f"; {destination}#{generation} was not created by this run and was left as it is"
             if not session.proven_wrong:
                 return f"; {destination}#{generation} could not be checked and was left as it is"
-            name = urllib.parse.quote(destination.name, safe="")
-            bucket = urllib.parse.quote(destination.bucket, safe="")
-            url = f"{self._transport.endpoint}/storage/v1/b/{bucket}/o/{name}?generation={generation}"
+            url = object_url(
+                self._transport.endpoint,
+                destination,
+                generation=generation,
+                user_project=self._transport.user_project,
+            )
             try:
                 status = self._transport.request("DELETE", url).status_code
             except Exception as exc:  # noqa: BLE001 - reported below; the integrity error matters most

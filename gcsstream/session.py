@@ -59,6 +59,28 @@ def initiate_url(
     return f"{endpoint}/upload/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
 
 
+def object_url(
+    endpoint: str,
+    target: ObjectURL,
+    *,
+    media: bool = False,
+    generation: int | str | None = None,
+    user_project: str | None = None,
+) -> str:
+    """The JSON API URL of an object (its resource; ``media``: its bytes; one ``generation``)."""
+    query: dict[str, str] = {}
+    if media:
+        query["alt"] = "media"
+    if generation is not None:
+        query["generation"] = str(generation)
+    if user_project:
+        query["userProject"] = user_project
+    bucket = urllib.parse.quote(target.bucket, safe="")
+    name = urllib.parse.quote(target.name, safe="")
+    suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+    return f"{endpoint}/storage/v1/b/{bucket}/o/{name}{suffix}"
+
+
 def status_request(session_uri: str) -> Request:
     """The status query: an empty PUT with ``Content-Range: bytes */*``."""
     return "PUT", session_uri, None, {"content-range": "bytes */*"}

@@ -233,3 +233,13 @@ def test_every_answer_lost_but_every_chunk_kept_is_progress_not_a_run_of_failure
     result, clock = run(service, data, retry_deadline=20, retry_initial_delay=1, retry_max_delay=32)
     assert stored(service) == data and result.size == len(data)
     assert max(clock.sleeps) <= 1  # every failure was the first of its run
+
+
+def test_a_bad_object_in_a_requester_pays_bucket_is_deleted_with_its_user_project():
+    service = FakeService()
+    service.user_project = "billed-project"
+    service.honor_goog_hash, service.corrupt_on_store = False, True
+    with pytest.raises(IntegrityError, match="deleted"):
+        run(service, os.urandom(CHUNK + 5))
+    (delete,) = [c for c in service.calls if c.kind == "delete"]
+    assert "userProject=billed-project" in delete.url and "generation=" in delete.url
