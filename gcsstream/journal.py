@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gcsstream.errors import Busy, NotFoundError, UsageError
-from gcsstream.options import CHECKSUM_MODES, parse_gs_url
+from gcsstream.options import CHECKSUM_MODES, origin, parse_gs_url
 from gcsstream.sources import ChunkSource, FileSource, ProducerSource
 
 #: Sessions live for up to a week on the service.
@@ -51,11 +51,6 @@ def state_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "gcsstream"
-
-
-def _origin(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 @dataclass(frozen=True)
@@ -183,7 +178,7 @@ class JournalEntry:
                 or not urllib.parse.urlsplit(data[key]).netloc
             ):
                 raise ValueError(f"{key!r} is not an http(s) URL")
-        if _origin(data["session_uri"]) != _origin(data["endpoint"]):
+        if origin(data["session_uri"]) != origin(data["endpoint"]):
             raise ValueError("its session URI is not on its endpoint")
         try:
             parse_gs_url(data["destination"])
@@ -604,7 +599,7 @@ def source_identity(source: ChunkSource) -> dict[str, Any]:
 def resume_conflicts(entry: JournalEntry, *, endpoint: str | None) -> None:
     """Refuse options that contradict the journal of an upload being resumed (its session fixed
     them); ``endpoint`` None means "not given"."""
-    if endpoint is not None and _origin(endpoint.rstrip("/")) != _origin(entry.endpoint):
+    if endpoint is not None and origin(endpoint.rstrip("/")) != origin(entry.endpoint):
         raise UsageError(
             f"upload {entry.id} was started on {entry.endpoint}; it cannot continue on {endpoint} "
             "(resume uses the journal's endpoint: drop --endpoint)"

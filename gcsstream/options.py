@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mimetypes
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -200,3 +201,14 @@ class UploadOptions:
     @property
     def use_md5(self) -> bool:
         return self.checksum in ("md5", "both")
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port), default port filled in: the unit credentials are bound to."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port

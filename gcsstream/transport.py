@@ -27,7 +27,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import ProxyManager
 
 from gcsstream.errors import AuthError, ServiceError, UsageError
-from gcsstream.options import UploadOptions
+from gcsstream.options import UploadOptions, origin
 from gcsstream.retry import AnswerTooSlow, permanent_network_failure
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
@@ -140,17 +140,6 @@ class _SlicedBody:
             # resends it after refreshing credentials on a 401) sends all of it again.
             self._offset = 0
         return piece
-
-
-def origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port), default port filled in: the unit credentials are bound to."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port or (443 if scheme == "https" else 80)
-    except ValueError:
-        port = -1
-    return scheme, (parts.hostname or "").lower(), port
 
 
 def _origin_text(url: str) -> str:

@@ -138,3 +138,13 @@ def test_an_id_that_is_not_one_is_refused_before_any_file_is_touched(tmp_path):
         with pytest.raises(NotFoundError):
             journal.claim(bad)
     assert not (tmp_path / "state").exists()
+
+
+def test_a_session_uri_with_the_default_port_spelled_out_is_on_its_endpoint():
+    """The same origin the transport will send to: ``https://Host:443`` is ``https://host``."""
+    data = {
+        "id": "00000003",
+        **entry_fields(settings(endpoint="https://storage.example")),
+        "session_uri": "https://STORAGE.example:443/upload/storage/v1/b/bkt/o?upload_id=abc",
+    }
+    assert JournalEntry.from_json(data, "00000003").session_uri.startswith("https://STORAGE.example:443/")
