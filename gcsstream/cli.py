@@ -360,9 +360,10 @@ def put(
             )
             plan = journal.plan(earlier, settings, restart=restart)
             for entry, why in plan.left:
+                instead = "" if plan.entry is not None else ": starting a new upload"
                 _say(
-                    f"not continuing the unfinished upload {entry.id} of this file ({why}): starting "
-                    f"a new upload; {entry.id} is left as it was (gcsstream resume {entry.id}, or "
+                    f"not continuing the unfinished upload {entry.id} of this file ({why}){instead}; "
+                    f"{entry.id} is left as it was (gcsstream resume {entry.id}, or "
                     f"gcsstream abort {entry.id})",
                     quiet,
                 )

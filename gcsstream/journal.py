@@ -470,10 +470,13 @@ class Journal:
                     raise
                 plan.left.append((entry, f"process {exc.pid} is driving it"))
                 continue
-            if restart or plan.entry is not None:
+            if restart:
                 plan.replace.append(entry)
-            else:
+            elif plan.entry is None:
                 plan.entry = entry
+            else:  # a second upload of this file (one started beside a driven one): left, named
+                self.unlock(entry.id)
+                plan.left.append((entry, f"upload {plan.entry.id} of the same file is continued instead"))
         return plan
 
     # -- locks ------------------------------------------------------------------------------------

@@ -148,3 +148,16 @@ def test_a_session_uri_with_the_default_port_spelled_out_is_on_its_endpoint():
         "session_uri": "https://STORAGE.example:443/upload/storage/v1/b/bkt/o?upload_id=abc",
     }
     assert JournalEntry.from_json(data, "00000003").session_uri.startswith("https://STORAGE.example:443/")
+
+
+def test_plan_leaves_a_second_upload_of_the_same_file_alone_without_restart(tmp_path):
+    """Two entries with the same settings (one started by --restart beside a driven upload):
+    a plain run continues one and leaves the other, named; only --restart replaces them."""
+    journal = Journal(tmp_path / "state")
+    first = journal.new_entry(**entry_fields(settings()))
+    second = journal.new_entry(**entry_fields(settings()))
+    journal.unlock_all()
+    plan = journal.plan([first, second], settings(), restart=False)
+    assert plan.entry is first and plan.replace == []
+    assert [e.id for e, _ in plan.left] == [second.id]
+    Journal(tmp_path / "state").lock(second.id)  # not held by the planning process
