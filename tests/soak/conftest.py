@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-_OUTCOMES = {"whole": 0, "resumed": 0, "faults": 0}
+_OUTCOMES: dict = {"whole": 0, "resumed": 0, "faults": 0, "kinds": {}}
 
 
 @pytest.fixture(scope="session")
@@ -16,5 +16,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if _OUTCOMES["whole"] or _OUTCOMES["resumed"]:
         terminalreporter.write_line(
             f"soak: {_OUTCOMES['whole']} whole objects at once, {_OUTCOMES['resumed']} whole after "
-            f"exit 75 and gcsstream resume, {_OUTCOMES['faults']} faults injected"
+            f"exit 75 and gcsstream resume, {_OUTCOMES['faults']} faults injected ("
+            + ", ".join(f"{kind} {n}" for kind, n in sorted(_OUTCOMES["kinds"].items()))
+            + ")"
         )

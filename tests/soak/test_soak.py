@@ -78,6 +78,9 @@ def test_random_upload_is_whole_or_resumable(server, gcsstream_exe, tmp_path, st
     proc = run(feed.format(f"{gcsstream_exe} put {args} {target} {dest}"), env)
     err = proc.stderr.decode()
     server.outcomes["faults"] += len(server.faults.history)
+    for _, fault in server.faults.history:
+        kinds = server.outcomes["kinds"]
+        kinds[fault.kind] = kinds.get(fault.kind, 0) + 1
     context = f"seed {seed}: {via}, {size} bytes, chunk {chunk}, faults {server.faults.history}\n{err}"
 
     if server.object_resource(BUCKET, name) is not None:  # whatever the exit code, it must be whole
