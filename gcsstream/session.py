@@ -13,8 +13,9 @@ subclass adds what the real service needs and the base lacks (see shared PROTOCO
 - a Range beyond the bytes sent is an integrity error; held counts from status queries are taken
   in whole 256 KiB units (``held_bytes``); after a short Range one shorter chunk realigns the
   rest with the window's buffers (no copies);
-- whatever an answer confirms (a chunk's 308, or a status query that finds lost answers) is
-  released from the window at once, so the reader can go on however many answers were lost;
+- whatever a status query confirms (lost answers: the service holds more than we saw) is
+  released from the window at once, so the reader can go on however many answers were lost (a
+  chunk's own 308 is released by the engine as soon as the attempt returns);
 - an object resource that cannot be read (cut short, not JSON) is ``UnreadableAnswer``: the
   object may well exist, so the engine asks again instead of giving up; a missing or malformed
   field is an error, never a crash;
@@ -247,7 +248,6 @@ class ResumableSession(ResumableUpload):
         if response.status_code == 308:
             self._check_not_beyond_sent()
             self._window.seek(self._bytes_uploaded)  # resend whatever was not persisted
-            self._window.release(self._bytes_uploaded)
 
     # -- status query (after a failure) ---------------------------------------------------------
 
