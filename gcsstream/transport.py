@@ -157,10 +157,6 @@ class _SendsUnderIoTimeout(HTTPConnection):
 
     send_timeout: float = UploadOptions.io_timeout
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("blocksize", _SEND_SLICE)  # the slice ``_SlicedBody`` is read by
-        super().__init__(*args, **kwargs)
-
     def connect(self) -> None:
         super().connect()
         if self.sock is not None:
