@@ -238,6 +238,10 @@ class _Upload:
         if self.inner is not None:
             self.inner.persisted(offset, crc32c)
 
+    def flush(self) -> None:
+        if self.inner is not None:
+            self.inner.flush()
+
     def finished(self) -> None:
         self.open = False
         if self.inner is not None:

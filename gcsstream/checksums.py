@@ -5,7 +5,16 @@ from __future__ import annotations
 import base64
 import hashlib
 
-import google_crc32c
+import crc32c as _crc32c
+
+
+def crc32c_extend(value: int, data: bytes | bytearray | memoryview) -> int:
+    """CRC32C of the bytes so far (``value``) followed by ``data``.
+
+    The ``crc32c`` package releases the GIL while it hashes a large buffer (google-crc32c holds
+    it), so the reader's hashing overlaps the sender's work, and it takes views without a copy.
+    """
+    return _crc32c.crc32c(data, value)
 
 
 def encode_crc32c(value: int) -> str:
@@ -26,7 +35,7 @@ class Checksums:
         self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
 
     def update(self, data: bytes) -> None:
-        self.crc32c = google_crc32c.extend(self.crc32c, data)
+        self.crc32c = crc32c_extend(self.crc32c, data)
         if self._md5 is not None:
             self._md5.update(data)
 

@@ -22,10 +22,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import google_crc32c
 import requests
 
-from gcsstream.checksums import encode_crc32c
+from gcsstream.checksums import crc32c_extend, encode_crc32c
 from gcsstream.errors import (
     IntegrityError,
     NotFoundError,
@@ -211,7 +210,7 @@ class Downloader:
 
         def take(piece: bytes) -> None:
             nonlocal crc
-            crc = google_crc32c.extend(crc, piece)
+            crc = crc32c_extend(crc, piece)
             if md5 is not None:
                 md5.update(piece)
             for out in inflate.feed(piece) if inflate is not None else (piece,):

@@ -9,6 +9,7 @@ resend, and reports progress as events. It never touches a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,7 +117,11 @@ class Resume:
 
 
 class SessionRecorder(Protocol):
-    """Told where an upload stands, so that it can be resumed by another process (the journal)."""
+    """Told where an upload stands, so that it can be resumed by another process (the journal).
+
+    A recorder that writes in the background may also have ``flush()``: the engine calls it as the
+    run ends, since another process may take the upload over once this one is done.
+    """
 
     def started(self, session_uri: str) -> None:
         """The session exists; called before the first byte is sent."""
@@ -220,6 +225,10 @@ class Uploader:
             raise ServiceError(f"unexpected answer from the service: {redact(str(exc))}") from None
         finally:
             window.close()
+            flush = getattr(recorder, "flush", None)
+            if flush is not None:
+                with contextlib.suppress(GcsstreamError):  # a failure already being raised matters more
+                    flush()
         if recorder is not None:
             recorder.finished()
         stored = session.resource or {}

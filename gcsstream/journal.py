@@ -6,8 +6,9 @@ a bearer credential, and it decides where bytes and a token are sent, so the dir
 the user's own and private (0700; checked like ssh's StrictModes) and every file is opened
 without following links and validated strictly: a file that is not a well-formed entry owned by
 the user is skipped with a warning. Each update is atomic (temporary file, fsync, rename): a
-journal is never half-written, and after a crash it is at most one chunk behind the service,
-which ``resume`` corrects by asking the service.
+journal is never half-written. Updates are written in the background, at most one chunk behind
+what the engine has confirmed (the service may also hold the chunk in flight); ``resume``
+corrects that by asking the service.
 
 One process drives an upload at a time: each entry has a lock file (``ID.lock``, an advisory
 ``flock`` held for the whole run, with the holder's pid in it). A second process is refused with
@@ -25,10 +26,11 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -614,12 +616,19 @@ class JournalRecorder:
 
     For a new upload the entry is created (and locked) when the session exists, before the first
     byte is sent; for a resumed one it is the existing entry, locked by ``Journal.claim``.
+
+    Confirmed offsets are written by a background thread, so that the two fsyncs of an update
+    never delay the next chunk's send: the write for chunk k overlaps the sending of chunk k+1,
+    and ``persisted`` for chunk k+1 first waits for it. The journal is so at most one chunk
+    behind what the engine has confirmed (and ``resume`` asks the service anyway). ``flush`` and
+    ``finished`` wait for the write in flight, so the lock is never released under it.
     """
 
     def __init__(self, journal: Journal, entry: JournalEntry | None = None, **fields: Any) -> None:
         self.journal = journal
         self.entry = entry
         self._fields = fields
+        self._writer: _BackgroundWriter | None = None
 
     @classmethod
     def for_new(
@@ -635,12 +644,67 @@ class JournalRecorder:
     def persisted(self, offset: int, crc32c: int) -> None:
         assert self.entry is not None
         self.entry.persisted, self.entry.persisted_crc32c = offset, crc32c
-        self.journal.write(self.entry)
+        if self._writer is None:
+            self._writer = _BackgroundWriter(self.journal.write)
+        # A copy: the writer serializes it while the engine goes on updating ``entry``.
+        self._writer.submit(replace(self.entry))
+
+    def flush(self) -> None:
+        """Wait (bounded) for the entry to be on disk as last recorded; raise if it could not be."""
+        if self._writer is not None:
+            self._writer.wait()
 
     def finished(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(UsageError):  # the entry goes anyway
+                self._writer.wait()
         if self.entry is not None:
             self.journal.remove(self.entry.id)
         self.done = True
 
     #: The upload completed or was cancelled: its entry is gone, nothing is left to resume.
     done = False
+
+
+#: Seconds a journal write may take before the run goes on without it (a hung file system).
+JOURNAL_WRITE_TIMEOUT = 30.0
+
+
+class _BackgroundWriter:
+    """Writes journal entries on a thread of its own, one at a time, the latest last."""
+
+    def __init__(self, write: Callable[[JournalEntry], None]) -> None:
+        self._write = write
+        self._cond = threading.Condition()
+        self._busy = False
+        self._error: UsageError | None = None
+
+    def submit(self, entry: JournalEntry) -> None:
+        """Hand ``entry`` to the writer once the previous write is done (raising its error)."""
+        self.wait()
+        with self._cond:
+            self._busy = True
+        threading.Thread(target=self._run, args=(entry,), name="gcsstream-journal", daemon=True).start()
+
+    def wait(self) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._busy, timeout=JOURNAL_WRITE_TIMEOUT):
+                raise UsageError(
+                    f"a journal write has not finished after {JOURNAL_WRITE_TIMEOUT:.0f} s: "
+                    "the state directory's file system is not answering"
+                )
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self, entry: JournalEntry) -> None:
+        error = None
+        try:
+            self._write(entry)
+        except UsageError as exc:
+            error = exc
+        finally:
+            with self._cond:
+                self._busy = False
+                self._error = error
+                self._cond.notify_all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import io
 import os
 import select
@@ -52,6 +53,8 @@ class StreamSource:
         self._close = close
         self.description = description
         self.size = _remaining_size(stream)
+        if self.size is None:
+            _widen_pipe(stream)
 
     def read(self, n: int) -> bytes:
         try:
@@ -249,6 +252,25 @@ def _remaining_size(stream: BinaryIO) -> int | None:
         return max(0, st.st_size - stream.tell())
     except (OSError, AttributeError, ValueError):
         return None
+
+
+#: The pipe buffer asked for when reading a pipe: the most an unprivileged process may set by
+#: default (``/proc/sys/fs/pipe-max-size``). Linux's 64 KiB default costs a context switch per
+#: 64 KiB with the producer; 1 MiB made reading a 1 GiB pipe about a third faster.
+PIPE_BUFFER = 1 << 20
+
+
+def _widen_pipe(stream: BinaryIO) -> None:
+    """Enlarge the buffer of a pipe we read (best effort: a limit or an old kernel says no)."""
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    try:
+        fd = stream.fileno()
+        if setsize is None or not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < PIPE_BUFFER:
+            fcntl.fcntl(fd, setsize, PIPE_BUFFER)
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 #: What a writer may hand over beyond the chunk being assembled: enough to keep the reader busy,

@@ -16,9 +16,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-import google_crc32c
-
-from gcsstream.checksums import Checksums, encode_crc32c
+from gcsstream.checksums import Checksums, crc32c_extend, encode_crc32c
 from gcsstream.errors import GcsstreamError, IntegrityError, PrefixMismatch, SourceError
 from gcsstream.sources import ChunkSource
 
@@ -177,7 +175,7 @@ class ChunkWindow:
             if start <= offset < start + len(data):
                 if offset == start:
                     return crc_before
-                return google_crc32c.extend(crc_before, bytes(memoryview(data)[: offset - start]))
+                return crc32c_extend(crc_before, memoryview(data)[: offset - start])
         raise IntegrityError(f"offset {offset} is outside the window")
 
     def _slice(self, start: int, end: int) -> bytes:

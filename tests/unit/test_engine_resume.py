@@ -170,3 +170,26 @@ def test_resume_when_the_journal_recorded_an_offset_between_256_kib_units():
     )
     assert stored(service) == data
     assert sum(c.size for c in service.calls[calls_before:]) == len(data) - offset
+
+
+class FlushingRecorder(Recorder):
+    """A recorder that writes in the background: the engine must let it finish at the end."""
+
+    def flush(self) -> None:
+        self.log.append(("flush",))
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["completed", "interrupted"])
+def test_a_run_ends_only_after_the_recorder_has_flushed_what_it_recorded(fails):
+    data = os.urandom(3 * CHUNK + 5)
+    service = FakeService()
+    recorder = FlushingRecorder()
+    if fails:
+        service.fail("chunk", None, *([503] * 1000))
+        with pytest.raises(TransientError):
+            uploader(service).upload(IterableSource([data]), DEST, recorder=recorder)
+        assert recorder.log[-1] == ("flush",)  # after the last offset it was told
+    else:
+        uploader(service).upload(IterableSource([data]), DEST, recorder=recorder)
+        assert recorder.log[-2:] == [("flush",), ("finished",)]
+    assert ("persisted", CHUNK, google_crc32c.value(data[:CHUNK])) in recorder.log

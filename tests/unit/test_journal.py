@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 
 import pytest
 
 from gcsstream.errors import Busy, NotFoundError, UsageError
-from gcsstream.journal import Journal, JournalEntry, UploadSettings
+from gcsstream.journal import Journal, JournalEntry, JournalRecorder, UploadSettings
 
 ENDPOINT = "http://127.0.0.1:9"
 
@@ -161,3 +162,81 @@ def test_plan_leaves_a_second_upload_of_the_same_file_alone_without_restart(tmp_
     assert plan.entry is first and plan.replace == []
     assert [e.id for e, _ in plan.left] == [second.id]
     Journal(tmp_path / "state").lock(second.id)  # not held by the planning process
+
+
+class _HeldWrites(Journal):
+    """A journal whose writes of confirmed offsets wait until the test lets them through."""
+
+    def __init__(self, directory) -> None:
+        super().__init__(directory)
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+        self.fail_next = False
+
+    def write(self, entry: JournalEntry) -> None:
+        if entry.persisted:
+            self.writing.set()
+            assert self.gate.wait(10), "the test never let the write through"
+            if self.fail_next:
+                raise UsageError("cannot write the journal: disk full")
+        super().write(entry)
+
+
+def _in_thread(call) -> threading.Event:
+    returned = threading.Event()
+    threading.Thread(target=lambda: (call(), returned.set()), daemon=True).start()
+    return returned
+
+
+def _recorder(tmp_path) -> tuple[_HeldWrites, JournalRecorder]:
+    journal = _HeldWrites(tmp_path / "state")
+    recorder = JournalRecorder.for_new(journal, settings(), chunk_size=262144, source={"kind": "stream"})
+    recorder.started(entry_fields(settings())["session_uri"])
+    return journal, recorder
+
+
+def test_a_confirmed_offset_is_journaled_without_delaying_the_next_send(tmp_path):
+    journal, recorder = _recorder(tmp_path)
+    assert recorder.entry is not None
+    assert _in_thread(lambda: recorder.persisted(262144, 7)).wait(5), "persisted() waited for the disk"
+    assert journal.writing.wait(5)
+    # The next confirmation waits for the write in flight: the journal lags by one chunk at most.
+    second = _in_thread(lambda: recorder.persisted(524288, 8))
+    assert not second.wait(0.2)
+    journal.gate.set()
+    assert second.wait(5)
+    recorder.flush()
+    assert journal.load(recorder.entry.id).persisted == 524288
+    assert journal.load(recorder.entry.id).persisted_crc32c == 8
+
+
+def test_the_end_of_a_run_waits_for_the_write_in_flight(tmp_path):
+    journal, recorder = _recorder(tmp_path)
+    assert recorder.entry is not None
+    recorder.persisted(262144, 7)
+    assert journal.writing.wait(5)
+    flushed = _in_thread(recorder.flush)
+    assert not flushed.wait(0.2), "flush() returned before the entry was on disk"
+    journal.gate.set()
+    assert flushed.wait(5)
+    assert journal.load(recorder.entry.id).persisted == 262144
+
+
+def test_a_finished_upload_leaves_no_entry_even_with_a_write_in_flight(tmp_path):
+    journal, recorder = _recorder(tmp_path)
+    assert recorder.entry is not None
+    recorder.persisted(262144, 7)
+    assert journal.writing.wait(5)
+    finished = _in_thread(recorder.finished)
+    journal.gate.set()
+    assert finished.wait(5)
+    assert list(journal.directory.iterdir()) == []  # no entry brought back, no lock left
+
+
+def test_a_failed_journal_write_stops_the_upload_at_the_next_chunk(tmp_path):
+    journal, recorder = _recorder(tmp_path)
+    journal.fail_next = True
+    journal.gate.set()
+    recorder.persisted(262144, 7)
+    with pytest.raises(UsageError, match="disk full"):
+        recorder.persisted(524288, 8)
