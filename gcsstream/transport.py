@@ -19,8 +19,6 @@ import google.auth
 import requests
 from google.auth import credentials as auth_credentials
 from google.auth import exceptions as auth_exceptions
-from google.auth.transport.requests import AuthorizedSession
-from google.auth.transport.requests import Request as AuthRequest
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -241,9 +239,18 @@ class Transport:
         # Token fetches: the same timeouts, and no redirect (the signed grant stays with its host).
         self._token_session = _timed_session(requests.Session(), io_timeout)
         self._token_session.max_redirects = 0
-        self._session = _timed_session(
-            AuthorizedSession(credentials, auth_request=AuthRequest(self._token_session)), io_timeout
-        )
+        self._session: requests.Session
+        if isinstance(credentials, auth_credentials.AnonymousCredentials):
+            # Nothing to sign or refresh: a plain session, and google-auth's requests transport
+            # (which loads its service-account crypto, about 0.1 s) stays unimported.
+            self._session = _timed_session(requests.Session(), io_timeout)
+        else:
+            from google.auth.transport.requests import AuthorizedSession
+            from google.auth.transport.requests import Request as AuthRequest
+
+            self._session = _timed_session(
+                AuthorizedSession(credentials, auth_request=AuthRequest(self._token_session)), io_timeout
+            )
         self._io_timeout = io_timeout
         self._timeout = (connect_timeout, io_timeout)
 
@@ -294,7 +301,7 @@ class Transport:
         """
         if origin(url) != self._origin:
             raise self._refused("the upload session is on", url)
-        body = _SlicedBody(data, self._limiter) if data else data
+        body: Any = _SlicedBody(data, self._limiter) if data else data  # read() like a file
         try:
             response = self._session.request(
                 method,
