@@ -430,7 +430,7 @@ def put(
                 ),
             )
     _remember_finished(recorder, result)
-    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "")
+    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "", recorder)
 
 
 @app.command(cls=_Command, epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
@@ -534,7 +534,7 @@ def resume(
                 ),
             )
     _remember_finished(recorder, result)
-    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "")
+    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "", recorder)
 
 
 @app.command(cls=_Command, epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
@@ -1060,9 +1060,16 @@ def _stopped(reason: str, recorder: JournalRecorder | None) -> str:
     return f"{reason}; {stored} are stored; continue with: {again}"
 
 
-def _report(result: UploadResult, json_output: bool, quiet: bool, note: str = "") -> None:
+def _report(
+    result: UploadResult,
+    json_output: bool,
+    quiet: bool,
+    note: str = "",
+    recorder: JournalRecorder | None = None,
+) -> None:
     if json_output:
-        print(json.dumps(result.summary()), flush=True)
+        upload = recorder.entry.id if recorder is not None and recorder.entry is not None else None
+        print(json.dumps({**result.summary(), **({"upload": upload} if upload else {})}), flush=True)
     elif not quiet:
         print(format_summary(result, note), file=sys.stderr, flush=True)
 
