@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from gcsstream import __version__
@@ -217,9 +217,7 @@ def _root(
 
 def _short_usage(ctx: typer.Context) -> NoReturn:
     """Bare ``gcsstream``: a few lines on stderr and exit 2, as other tools do (not the whole help)."""
-    commands = (
-        ", ".join(ctx.command.list_commands(ctx)) if isinstance(ctx.command, typer.core.TyperGroup) else ""
-    )
+    commands = ", ".join(ctx.command.list_commands(ctx)) if isinstance(ctx.command, TyperGroup) else ""
     print(
         f"Usage: gcsstream COMMAND [ARGS]...\nCommands: {commands}\n"
         "Try 'gcsstream --help' for help, or 'gcsstream COMMAND --help' for a command's.",
@@ -650,7 +648,10 @@ def stat(
     project: ProjectOpt = None,
     credentials: CredentialsOpt = None,
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print the object's whole resource as one JSON object on stdout.")
+        bool,
+        typer.Option(
+            "--json", help="Print the object's whole resource (or the failure) as one JSON object on stdout."
+        ),
     ] = False,
     debug: DebugOpt = False,
     retry_initial_delay: RetryInitialDelayOpt = 1.0,
