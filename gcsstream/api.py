@@ -23,6 +23,7 @@ from google.auth import credentials as auth_credentials
 from gcsstream.engine import Resume, SessionRecorder, Uploader, UploadResult
 from gcsstream.errors import GcsstreamError, SourceError, UsageError
 from gcsstream.events import EventCallback
+from gcsstream.history import record_finished
 from gcsstream.journal import (
     Journal,
     JournalEntry,
@@ -93,7 +94,7 @@ class _Plan:
         if self.entry is not None and self.entry.gzip:
             source = GzipSource(source)
         try:
-            return self.uploader().upload(
+            result = self.uploader().upload(
                 source, self.destination, self.metadata, recorder=recorder, resume=self.resume
             )
         except GcsstreamError as exc:
@@ -105,6 +106,9 @@ class _Plan:
         finally:
             if self.journal is not None:
                 self.journal.unlock_all()
+        if journaled is not None and journaled.entry is not None:
+            record_finished(journaled.journal, journaled.entry, result.resource)  # for `status ID`
+        return result
 
 
 #: Keywords that ``resume=ID`` takes from the journal (the session fixed them).

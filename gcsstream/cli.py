@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from gcsstream import __version__
@@ -43,6 +43,7 @@ from gcsstream.journal import (
     source_identity,
 )
 from gcsstream.options import (
+    CHECKSUM_MODES,
     DEFAULT_RETRY_DEADLINE,
     ObjectMetadata,
     ObjectURL,
@@ -105,23 +106,36 @@ Examples:
   gcsstream abort 3f9c2a1b           # cancel it on the service and forget it
 """
 
+STAT_EXAMPLES = """\
+Examples:
+
+\b
+  gcsstream stat gs://my-bucket/db.sql            # size, generation, checksums, type, class, updated
+  gcsstream stat gs://my-bucket/db.sql --json | jq -r .crc32c
+"""
+
+
+class _Command(TyperCommand):
+    """A command whose usage line names its arguments as written (``SRC``, not typer's ``{SRC}``)
+    and whose line in the command list is its first sentence, whole (click cuts it mid-word)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return " ".join((self.short_help or (self.help or "").split("\n\n")[0]).split())
+
+
 app = typer.Typer(
     name="gcsstream",
     help="Stream stdin or files of any size into Google Cloud Storage, verified end to end.",
     epilog=EXIT_CODES,
-    no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-class Checksum(str, enum.Enum):
-    crc32c = "crc32c"
-    md5 = "md5"
-    both = "both"
-    none = "none"
 
 
 # Options shared by the commands that talk to the service.
@@ -148,7 +162,11 @@ CredentialsOpt = Annotated[
     str | None,
     typer.Option(metavar="FILE", help="Service-account JSON key. Default: Application Default Credentials."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the result, or the failure, as one JSON object on stdout."),
+]
+ChecksumChoices = "[" + "|".join(CHECKSUM_MODES) + "]"
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Log HTTP exchanges (redacted) and show tracebacks.")]
 ProgressOpt = Annotated[
@@ -186,16 +204,29 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    pass
+    if ctx.invoked_subcommand is None:
+        _short_usage(ctx)
 
 
-@app.command(epilog=PUT_EXAMPLES + "\n" + EXIT_CODES)
+def _short_usage(ctx: typer.Context) -> NoReturn:
+    """Bare ``gcsstream``: a few lines on stderr and exit 2, as other tools do (not the whole help)."""
+    commands = ", ".join(ctx.command.list_commands(ctx)) if isinstance(ctx.command, TyperGroup) else ""
+    print(
+        f"Usage: gcsstream COMMAND [ARGS]...\nCommands: {commands}\n"
+        "Try 'gcsstream --help' for help, or 'gcsstream COMMAND --help' for a command's.",
+        file=sys.stderr,
+    )
+    raise typer.Exit(UsageError.exit_code)
+
+
+@app.command(cls=_Command, epilog=PUT_EXAMPLES + "\n" + EXIT_CODES)
 def put(
     src: Annotated[
         str,
@@ -224,8 +255,13 @@ def put(
     ] = None,
     chunk_size: ChunkSizeOpt = "16MiB",
     checksum: Annotated[
-        Checksum, typer.Option(help="Checksums computed, sent with the final request and verified.")
-    ] = Checksum.crc32c,
+        str,
+        typer.Option(
+            metavar=ChecksumChoices,
+            autocompletion=lambda: list(CHECKSUM_MODES),
+            help="Checksums computed, sent with the final request and verified.",
+        ),
+    ] = "crc32c",
     content_type: Annotated[
         str | None,
         typer.Option(
@@ -312,7 +348,7 @@ def put(
         raise UsageError(f"--gzip sets Content-Encoding: gzip, not {content_encoding!r}")
     options = UploadOptions(
         chunk_size=check_chunk_size(parse_size(chunk_size)),
-        checksum=checksum.value,
+        checksum=checksum,  # type: ignore[arg-type]  # UploadOptions refuses an unknown mode
         if_generation_match=0 if no_clobber else if_generation_match,
         retry_deadline=retry_deadline,
         retry_initial_delay=retry_initial_delay,
@@ -391,10 +427,11 @@ def put(
                     source, destination, object_metadata, recorder=recorder, resume=resume
                 ),
             )
-    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "")
+    _remember_finished(recorder, result)
+    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "", recorder)
 
 
-@app.command(epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
+@app.command(cls=_Command, epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
 def resume(
     upload: Annotated[
         str,
@@ -494,10 +531,11 @@ def resume(
                     resume=Resume(session_uri, verify=verify),
                 ),
             )
-    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "")
+    _remember_finished(recorder, result)
+    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "", recorder)
 
 
-@app.command(epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
+@app.command(cls=_Command, epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
 def cat(
     url: Annotated[
         str,
@@ -512,13 +550,34 @@ def cat(
     raw: Annotated[
         bool, typer.Option("--raw", help="Write a gzip-encoded object as stored, not decompressed.")
     ] = False,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Write FILE instead of standard output: through .FILE.gcsstream-partial, renamed "
+            "only once the checksum matched; run again to continue a broken download.",
+        ),
+    ] = None,
     checksum: Annotated[
-        Checksum, typer.Option(help="Checksum compared with the object's after a whole-object read.")
-    ] = Checksum.crc32c,
+        str,
+        typer.Option(
+            metavar=ChecksumChoices,
+            autocompletion=lambda: list(CHECKSUM_MODES),
+            help="Checksum compared with the object's after a whole-object read.",
+        ),
+    ] = "crc32c",
     retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
     endpoint: EndpointOpt = None,
     project: ProjectOpt = None,
     credentials: CredentialsOpt = None,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="With -o: print the result, or the failure, as one JSON object on stdout."
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     progress: ProgressOpt = None,
     progress_interval: ProgressIntervalOpt = 30.0,
@@ -526,7 +585,7 @@ def cat(
     retry_initial_delay: RetryInitialDelayOpt = 1.0,
     io_timeout: IoTimeoutOpt = 120.0,
 ) -> None:
-    """Stream an object to standard output, checking its CRC32C (or MD5) as it goes.
+    """Stream an object to standard output (or -o FILE), checking its CRC32C (or MD5) as it goes.
 
     A broken download resumes from the byte it reached, with the same retry rules as uploads,
     pinned to the generation it started with. If the bytes do not match the object's checksum,
@@ -537,14 +596,18 @@ def cat(
     source = parse_gs_url(url)
     span = parse_range(byte_range) if byte_range else None
     options = UploadOptions(
-        checksum=checksum.value,
+        checksum=checksum,  # type: ignore[arg-type]  # UploadOptions refuses an unknown mode
         retry_deadline=retry_deadline,
         retry_initial_delay=retry_initial_delay,
         io_timeout=io_timeout,
     )
-    if sys.stdout is None:  # fd 1 was closed when we started (main points it at /dev/null)
+    if output is not None:
+        _check_output_options(span is not None, options.checksum)
+    elif json_output:
+        raise UsageError("--json needs -o FILE: standard output carries the object's bytes")
+    elif sys.stdout is None:  # fd 1 was closed when we started (main points it at /dev/null)
         raise SinkError("writing standard output: it is closed")
-    if sys.stdout.isatty():
+    elif sys.stdout.isatty():
         raise UsageError("standard output is a terminal; redirect it (gcsstream cat gs://b/o > file)")
     with Transport.connect(
         endpoint, credentials_file=credentials, user_project=project, io_timeout=io_timeout
@@ -558,21 +621,75 @@ def cat(
             transport, options, on_start=sized, on_progress=state.progress, on_retry=state.record
         )
         with display(state, mode=progress, interval=progress_interval, quiet=quiet, verb="received"):
-            result = downloader.download(
-                source, sys.stdout.buffer, byte_range=span, raw=raw, sink_name="standard output"
-            )
-    if not quiet:
+            if output is not None:
+                result = downloader.download_to_file(source, output, raw=raw)
+            else:
+                result = downloader.download(
+                    source, sys.stdout.buffer, byte_range=span, raw=raw, sink_name="standard output"
+                )
+    if json_output:
+        print(json.dumps(_download_summary(result, output)), flush=True)
+    elif not quiet:
         print(format_download_summary(result), file=sys.stderr, flush=True)
+        if output is not None:
+            resumed = (
+                f", continuing the {result.resumed} bytes already in its partial file"
+                if result.resumed
+                else ""
+            )
+            _say(f"wrote {_printable(output)}{resumed}", quiet)
 
 
-@app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
+@app.command(cls=_Command, epilog=STAT_EXAMPLES + "\n" + EXIT_CODES)
+def stat(
+    url: Annotated[str, typer.Argument(metavar="gs://BUCKET/OBJECT", help="The object to describe.")],
+    retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
+    endpoint: EndpointOpt = None,
+    project: ProjectOpt = None,
+    credentials: CredentialsOpt = None,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the object's whole resource (or the failure) as one JSON object on stdout."
+        ),
+    ] = False,
+    debug: DebugOpt = False,
+    retry_initial_delay: RetryInitialDelayOpt = 1.0,
+    io_timeout: IoTimeoutOpt = 120.0,
+) -> None:
+    """Print one line about an object: size, generation, checksums, content type, storage class, updated.
+
+    A missing object exits 5, saying whether its bucket is missing too.
+    """
+    from gcsstream.download import Downloader
+    from gcsstream.transport import Transport
+
+    if debug:
+        _log_http()
+    source = parse_gs_url(url)
+    options = UploadOptions(
+        retry_deadline=retry_deadline, retry_initial_delay=retry_initial_delay, io_timeout=io_timeout
+    )
+    with Transport.connect(
+        endpoint, credentials_file=credentials, user_project=project, io_timeout=io_timeout
+    ) as transport:
+        resource = Downloader(transport, options).object_resource(source)
+    print(json.dumps(resource) if json_output else _stat_line(source, resource), flush=True)
+
+
+@app.command(cls=_Command, epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def sessions(
     prune: Annotated[
         bool,
         typer.Option("--prune", help="Ask the service about each upload; forget those it no longer knows."),
     ] = False,
     credentials: CredentialsOpt = None,
-    json_output: JsonOpt = False,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the uploads as one JSON array of objects on stdout (or the failure)."
+        ),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """List unfinished uploads: id, destination, bytes held, age, source."""
@@ -617,7 +734,7 @@ def sessions(
         print(f"{e.id:<9} {held:>10} {_age(e.created):>6}  {destination}  {source}{expired}{driven}")
 
 
-@app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
+@app.command(cls=_Command, epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def status(
     upload: UploadArg,
     credentials: CredentialsOpt = None,
@@ -628,7 +745,11 @@ def status(
     if debug:
         _log_http()
     journal = _journal()
-    entry, session_uri, destination, _ = _find_upload(journal, upload)
+    try:
+        entry, session_uri, destination, _ = _find_upload(journal, upload)
+    except _Finished as done:
+        _print_finished(done.record, json_output)
+        return
     with _transport_for(entry, session_uri, credentials, by_uri=_is_session_uri(upload)) as transport:
         state = Uploader(transport).session_status(session_uri, destination)
     shown = _printable(str(destination))
@@ -654,10 +775,11 @@ def status(
     print(json.dumps(summary) if json_output else line)
 
 
-@app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
+@app.command(cls=_Command, epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
 def abort(
     upload: UploadArg,
     credentials: CredentialsOpt = None,
+    json_output: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Cancel an unfinished upload on the service and forget its journal."""
@@ -670,6 +792,14 @@ def abort(
     if entry is not None:
         journal.remove(entry.id)
     what = entry.id if entry else "the session"
+    if json_output:
+        summary = {
+            "upload": entry.id if entry else "session",
+            "destination": str(destination),
+            "aborted": known,
+        }
+        print(json.dumps(summary), flush=True)
+        return
     print(
         f"gcsstream: aborted {what} ({_printable(str(destination))})"
         if known
@@ -732,8 +862,102 @@ def _find_upload(
         if claim:
             entry = journal.claim(entry.id)
     else:
-        entry = journal.claim(upload) if claim else journal.load(upload)
+        try:
+            entry = journal.claim(upload) if claim else journal.load(upload)
+        except NotFoundError:
+            _raise_if_finished(journal, upload)
+            raise
     return entry, entry.session_uri, parse_gs_url(entry.destination), entry.checksum
+
+
+class _Finished(NotFoundError):
+    """The upload asked for is not unfinished: it finished here, and created ``record``'s object."""
+
+    def __init__(self, message: str, record: Any) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _raise_if_finished(journal: Journal, upload: str) -> None:
+    from gcsstream.history import find_finished
+
+    record = find_finished(journal, upload)
+    if record is not None:
+        raise _Finished(
+            f"upload {upload} has finished: it created {_printable(record.destination)} generation "
+            f"{record.generation} (see `gcsstream status {upload}`)",
+            record,
+        ) from None
+
+
+def _print_finished(record: Any, json_output: bool) -> None:
+    """``status`` of an upload that finished in this state directory: the object it created."""
+    if json_output:
+        summary = {
+            "upload": record.id,
+            "destination": record.destination,
+            "finished": True,
+            "generation": record.generation,
+            "bytes": record.size,
+            "crc32c": record.crc32c,
+        }
+        print(json.dumps(summary), flush=True)
+        return
+    print(
+        f"{record.id} {_printable(record.destination)}: finished {_age(record.finished)} ago, "
+        f"generation {record.generation}, {record.size} bytes"
+    )
+
+
+def _remember_finished(recorder: JournalRecorder | None, result: UploadResult) -> None:
+    """Keep a record of the object a journaled upload created, for ``gcsstream status ID``."""
+    from gcsstream.history import record_finished
+
+    if recorder is not None and recorder.entry is not None:
+        record_finished(recorder.journal, recorder.entry, result.resource)
+
+
+def _check_output_options(ranged: bool, checksum: str) -> None:
+    """``cat -o FILE`` renames FILE only once the whole object's checksum matched: refuse what
+    would leave nothing to check."""
+    if ranged:
+        raise UsageError(
+            "--range cannot be used with -o: a byte range has no checksum to verify before FILE is "
+            "renamed (write a range to standard output: gcsstream cat --range R gs://b/o > part)"
+        )
+    if checksum == "none":
+        raise UsageError(
+            "--checksum none cannot be used with -o: FILE is renamed only once a checksum matched"
+        )
+
+
+def _download_summary(result: Any, output: str | None) -> dict[str, Any]:
+    """``cat -o FILE --json``: the object read, what was verified, and where it went."""
+    return {
+        "object": result.url,
+        "generation": result.generation,
+        "bytes": result.size + result.resumed,
+        "resumed": result.resumed,
+        "crc32c": result.crc32c,
+        "verified": list(result.verified),
+        "output": output,
+        "seconds": round(result.seconds, 3),
+    }
+
+
+def _stat_line(source: ObjectURL, resource: dict[str, Any]) -> str:
+    """``stat``'s line: the fields a script checks most, in a fixed order ('-' where absent)."""
+
+    def field(key: str) -> str:
+        value = resource.get(key)
+        return _printable(str(value)) if value not in (None, "") else "-"
+
+    size = resource_int(resource, "size")
+    shown = f"{size} bytes ({human_bytes(size)})" if size is not None else "size unknown"
+    return (
+        f"{_printable(str(source))}: {shown}, generation {field('generation')}, crc32c {field('crc32c')}, "
+        f"md5 {field('md5Hash')}, {field('contentType')}, {field('storageClass')}, updated {field('updated')}"
+    )
 
 
 def _destination_of(session_uri: str) -> ObjectURL:
@@ -806,26 +1030,47 @@ def _resumable(recorder: JournalRecorder | None, run: Callable[[], T]) -> T:
     try:
         return run()
     except KeyboardInterrupt:
-        raise Interrupted(_stopped("interrupted", recorder)) from None
+        raise _journaled(Interrupted(_stopped("interrupted", recorder)), recorder) from None
     except _SigTerm as stop:
         error, word = _STOPPED_BY[stop.signum]
-        raise error(_stopped(word, recorder)) from None
+        raise _journaled(error(_stopped(word, recorder)), recorder) from None
     except TransientError as exc:
-        raise TransientError(_stopped(str(exc), recorder)) from None
+        raise _journaled(TransientError(_stopped(str(exc), recorder)), recorder) from None
+    except GcsstreamError as exc:
+        _journaled(exc, recorder)  # the same error, now naming its upload
+        raise
+
+
+def _journaled(error: GcsstreamError, recorder: JournalRecorder | None) -> GcsstreamError:
+    """``error``, naming the journaled upload it left unfinished (for ``--json``'s "upload")."""
+    if recorder is not None and recorder.entry is not None and not recorder.done:
+        error.upload_id = recorder.entry.id
+    return error
+
+
+def _resume_command(entry: JournalEntry) -> str:
+    return f"... | gcsstream resume {entry.id} -" if entry.is_stream else f"gcsstream resume {entry.id}"
 
 
 def _stopped(reason: str, recorder: JournalRecorder | None) -> str:
     entry = recorder.entry if recorder else None
     if entry is None:
         return f"{reason}; nothing was stored"
-    again = f"... | gcsstream resume {entry.id} -" if entry.is_stream else f"gcsstream resume {entry.id}"
+    again = _resume_command(entry)
     stored = f"{entry.persisted} bytes ({human_bytes(entry.persisted)})"
     return f"{reason}; {stored} are stored; continue with: {again}"
 
 
-def _report(result: UploadResult, json_output: bool, quiet: bool, note: str = "") -> None:
+def _report(
+    result: UploadResult,
+    json_output: bool,
+    quiet: bool,
+    note: str = "",
+    recorder: JournalRecorder | None = None,
+) -> None:
     if json_output:
-        print(json.dumps(result.summary()), flush=True)
+        upload = recorder.entry.id if recorder is not None and recorder.entry is not None else None
+        print(json.dumps({**result.summary(), **({"upload": upload} if upload else {})}), flush=True)
     elif not quiet:
         print(format_summary(result, note), file=sys.stderr, flush=True)
 
@@ -877,11 +1122,45 @@ def _sigterm_raises() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _fail(message: str, code: int, debug: bool) -> NoReturn:
+def _fail(
+    message: str, code: int, debug: bool, *, as_json: bool = False, error: Exception | None = None
+) -> NoReturn:
+    """The one place a failure is reported: a line on stderr, and with ``--json`` one object on
+    stdout too (``_failure_summary``); then the exit code."""
     if debug:
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
     print(f"gcsstream: error: {redact(message)}", file=sys.stderr, flush=True)
+    if as_json:
+        try:
+            print(json.dumps(_failure_summary(message, code, error)), flush=True)
+        except (OSError, ValueError):  # stdout is gone or full: the line on stderr has said it
+            _discard_stdout()
     sys.exit(code)
+
+
+def _failure_summary(message: str, code: int, error: Exception | None) -> dict[str, Any]:
+    """``--json`` of a failure: error and exit_code always; the upload, the bytes the service
+    holds and the command that continues it when they are known. Never a session URI."""
+    summary: dict[str, Any] = {"error": redact(message), "exit_code": code}
+    upload_id = getattr(error, "upload_id", None)
+    if not upload_id:
+        return summary
+    summary["upload"] = upload_id
+    if isinstance(error, Busy):
+        if error.pid:
+            summary["driven_by"] = error.pid
+        return summary
+    with contextlib.suppress(GcsstreamError):
+        entry = Journal(warn=lambda _: None).load(upload_id)
+        summary["held"] = entry.persisted
+        if isinstance(error, (TransientError, Interrupted, PrefixMismatch)):
+            summary["resume"] = _resume_command(entry)
+    return summary
+
+
+def _wants_json(args: list[str]) -> bool:
+    """Whether the command line asks for ``--json`` (before any ``--``), even one it fails to parse."""
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
 
 
 def _fill_standard_fds() -> None:
@@ -917,6 +1196,7 @@ def main(argv: list[str] | None = None) -> None:
     _fill_standard_fds()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("GCSSTREAM_DEBUG") == "1"
+    as_json = _wants_json(args)
     try:
         with _sigterm_raises():
             rv = app(args=args, prog_name="gcsstream", standalone_mode=False)
@@ -924,20 +1204,21 @@ def main(argv: list[str] | None = None) -> None:
         _discard_stdout()
         sys.exit(OutputClosed.exit_code)
     except SinkError as exc:  # e.g. a full disk: one line, never retried
-        _discard_stdout()
-        _fail(str(exc), exc.exit_code, debug)
+        if not as_json:  # with --json stdout is not the sink (cat needs -o): the object goes there
+            _discard_stdout()
+        _fail(str(exc), exc.exit_code, debug, as_json=as_json, error=exc)
     except GcsstreamError as exc:
-        _fail(str(exc), exc.exit_code, debug)
+        _fail(str(exc), exc.exit_code, debug, as_json=as_json, error=exc)
     except TyperException as exc:  # the command line itself was wrong
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "gcsstream"
-        _fail(f"{exc.format_message()} (see '{where} --help')", UsageError.exit_code, debug)
+        _fail(f"{exc.format_message()} (see '{where} --help')", UsageError.exit_code, debug, as_json=as_json)
     except KeyboardInterrupt:
-        _fail("interrupted", Interrupted.exit_code, debug)
+        _fail("interrupted", Interrupted.exit_code, debug, as_json=as_json)
     except _SigTerm as stop:
         error, word = _STOPPED_BY[stop.signum]
-        _fail(word, error.exit_code, debug)
+        _fail(word, error.exit_code, debug, as_json=as_json)
     except Exception as exc:  # a bug: still one line, the traceback with --debug
         hint = "" if debug else " (run with --debug for a traceback)"
-        _fail(f"internal error: {type(exc).__name__}: {exc}{hint}", 1, debug)
+        _fail(f"internal error: {type(exc).__name__}: {exc}{hint}", 1, debug, as_json=as_json)
     sys.exit(rv if isinstance(rv, int) else 0)

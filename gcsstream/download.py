@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
+import stat
 import time
 import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import requests
 
 from gcsstream.checksums import crc32c_extend, encode_crc32c
 from gcsstream.errors import (
+    Busy,
     IntegrityError,
     NotFoundError,
     OutputClosed,
@@ -45,10 +50,12 @@ from gcsstream.retry import (
     retry_after_seconds,
     run_with_retries,
 )
-from gcsstream.session import object_url
+from gcsstream.session import bucket_url, object_url
 from gcsstream.transport import Transport
 
 PIECE = 1 << 20
+#: ``download_to_file`` keeps FILE's bytes in ``.FILE`` + this, beside it, until they are verified.
+PARTIAL_SUFFIX = ".gcsstream-partial"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _EMPTY_CRC32C = encode_crc32c(0)
 
@@ -158,6 +165,23 @@ class DownloadResult:
     crc32c: str | None
     verified: tuple[str, ...]
     seconds: float
+    #: Bytes a ``download_to_file`` took from the partial file of an earlier run (not received again).
+    resumed: int = 0
+
+
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """Where ``download_to_file`` keeps the bytes of ``path`` until they are verified."""
+    target = Path(path)
+    return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+
+
+@dataclass
+class _Prefix:
+    """Bytes already in the sink (a partial file's), checksummed: the download continues after them."""
+
+    length: int = 0
+    crc: int = 0
+    md5: Any = None
 
 
 class Downloader:
@@ -183,8 +207,99 @@ class Downloader:
         self._clock = clock
 
     def object_resource(self, source: ObjectURL) -> dict[str, Any]:
-        """The object's metadata (retried like any request)."""
-        return self._retrying(lambda _: self._resource_once(source), doing=lambda: f"reading {source}")
+        """The object's metadata (retried like any request). A 404 says whether the bucket or only
+        the object is missing when a GET of the bucket can tell."""
+        try:
+            return self._retrying(lambda _: self._resource_once(source), doing=lambda: f"reading {source}")
+        except NotFoundError as exc:
+            raise NotFoundError(self._which_is_missing(source) or str(exc)) from None
+
+    def _which_is_missing(self, source: ObjectURL) -> str | None:
+        """After a 404 for an object: its bucket's answer, in words (None if it tells nothing)."""
+        url = bucket_url(self._transport.endpoint, source.bucket, user_project=self._transport.user_project)
+        try:
+            response = self._transport.request("GET", url)
+            response.close()
+        except Exception:  # noqa: BLE001 - only a better message was at stake
+            return None
+        if response.status_code == 404:
+            return f"bucket gs://{source.bucket} not found"
+        if response.status_code == 200:
+            return f"object {source} not found (the bucket exists)"
+        return None
+
+    def download_to_file(
+        self, source: ObjectURL, path: str | os.PathLike[str], *, raw: bool = False
+    ) -> DownloadResult:
+        """Download to ``path`` through ``partial_path(path)``, renamed over ``path`` only once the
+        whole object's checksum matched: a failed or corrupt read never leaves a ``path`` that
+        looks whole.
+
+        A partial file left by an earlier (failed) run is continued with a ranged read from its
+        end; its bytes are checksummed again, so the check covers them and the new ones. A
+        decompressed download (a gzip-encoded object, not ``raw``) starts again from byte 0: its
+        checksum is of the stored bytes, which a partial file of decompressed ones cannot give. A
+        mismatch removes the partial file (exit 3); any other failure keeps it for the next run.
+        """
+        started = self._clock()
+        target = Path(path)
+        if target.is_dir():
+            raise UsageError(f"{target} is a directory")
+        partial = partial_path(target)
+        resource = self.object_resource(source)
+        size = _field(resource, "size", source) if "size" in resource else None
+        decompress = resource.get("contentEncoding") == "gzip" and not raw
+        try:
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise SinkError(f"writing {partial}: {exc.strerror or exc}") from None
+        with open(fd, "r+b") as sink:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Busy(f"another process is writing {partial}") from None
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise SinkError(f"writing {partial}: it is not a regular file")
+            kept = info.st_size if size is not None and not decompress and info.st_size <= size else 0
+            try:
+                prefix = self._checksum_prefix(sink, kept, partial)
+                sink.truncate(kept)
+                sink.seek(kept)
+                result = self._download(
+                    source, resource, sink, raw=raw, sink_name=str(partial), prefix=prefix, started=started
+                )
+                if not result.verified:
+                    raise IntegrityError(
+                        f"{source} has no checksum to verify it by ({target} was not written)"
+                    )
+                with _Sink(sink, str(partial))._errors():
+                    sink.flush()
+                    os.fsync(fd)
+                    os.replace(partial, target)
+            except IntegrityError as exc:
+                with contextlib.suppress(OSError):
+                    partial.unlink()
+                raise IntegrityError(f"{exc}; {partial} was removed") from None
+        _sync_directory(target.parent)
+        return result
+
+    def _checksum_prefix(self, sink: BinaryIO, length: int, name: Path) -> _Prefix:
+        """The checksums of the first ``length`` bytes of a partial file, read again."""
+        prefix = _Prefix(md5=hashlib.md5(usedforsecurity=False) if self._options.use_md5 else None)
+        sink.seek(0)
+        while prefix.length < length:
+            try:
+                piece = sink.read(min(PIECE, length - prefix.length))
+            except OSError as exc:
+                raise SinkError(f"reading {name}: {exc.strerror or exc}") from None
+            if not piece:
+                break
+            prefix.crc = google_crc32c.extend(prefix.crc, piece)
+            if prefix.md5 is not None:
+                prefix.md5.update(piece)
+            prefix.length += len(piece)
+        return prefix
 
     def download(
         self,
@@ -197,6 +312,24 @@ class Downloader:
     ) -> DownloadResult:
         started = self._clock()
         resource = self.object_resource(source)
+        return self._download(
+            source, resource, sink, byte_range=byte_range, raw=raw, sink_name=sink_name, started=started
+        )
+
+    def _download(
+        self,
+        source: ObjectURL,
+        resource: dict[str, Any],
+        sink: BinaryIO,
+        *,
+        byte_range: tuple[int, int | None] | None = None,
+        raw: bool,
+        sink_name: str,
+        started: float,
+        prefix: _Prefix | None = None,
+    ) -> DownloadResult:
+        """Read ``resource``'s object into ``sink``, after the ``prefix`` it already holds."""
+        prefix = prefix or _Prefix(md5=hashlib.md5(usedforsecurity=False) if self._options.use_md5 else None)
         generation = _field(resource, "generation", source)
         size = _field(resource, "size", source) if "size" in resource else None
         if size is None and byte_range is not None:
@@ -204,8 +337,8 @@ class Downloader:
         gzip = resource.get("contentEncoding") == "gzip" and not raw
         sink_out = _Sink(sink, sink_name)
         inflate = Gunzip(str(source)) if gzip else None
-        crc = 0
-        md5 = hashlib.md5(usedforsecurity=False) if self._options.use_md5 else None
+        crc = prefix.crc
+        md5 = prefix.md5
         url = self._object_url(source, media=True, generation=generation)
 
         def take(piece: bytes) -> None:
@@ -220,11 +353,11 @@ class Downloader:
             received = self._retrying(lambda _: self._read_unsized(url, source, take))
             first, whole = 0, True
         else:
-            first, last = byte_range or (0, None)
+            first, last = byte_range or (prefix.length, None)
             if first < 0:
                 first = max(0, size + first)
             last = size - 1 if last is None or last >= size else last
-            whole = first == 0 and last == size - 1
+            whole = first == prefix.length and last == size - 1
             if gzip and not whole:
                 raise UsageError("a byte range of a gzip-encoded object needs --raw (the stored bytes)")
             if self._on_start is not None:
@@ -255,6 +388,7 @@ class Downloader:
             crc32c=encode_crc32c(crc) if whole else None,
             verified=verified,
             seconds=self._clock() - started,
+            resumed=prefix.length,
         )
 
     def _resource_once(self, source: ObjectURL) -> dict[str, Any]:
@@ -390,6 +524,16 @@ def _name_of(url: str) -> str:
     path = urllib.parse.urlsplit(url).path
     bucket, _, name = path.partition("/storage/v1/b/")[2].partition("/o/")
     return f"gs://{urllib.parse.unquote(bucket)}/{urllib.parse.unquote(name)}"
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename durable (best effort: some file systems refuse to sync a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _transient(exc: BaseException) -> Failure | None:

@@ -64,9 +64,18 @@ def check_chunk_size(chunk_size: int) -> int:
         lower = max(CHUNK_QUANTUM, chunk_size // CHUNK_QUANTUM * CHUNK_QUANTUM)
         raise UsageError(
             f"chunk size {chunk_size} is not a positive multiple of 256 KiB "
-            f"(262144 bytes); try {lower} or {lower + CHUNK_QUANTUM}"
+            f"(262144 bytes); try {format_size(lower)} or {format_size(lower + CHUNK_QUANTUM)}"
         )
     return chunk_size
+
+
+def format_size(size: int) -> str:
+    """``size`` in the largest binary unit that holds it exactly, as ``parse_size`` reads it:
+    786432 is ``768KiB``, 1048576 ``1MiB``, 1000 ``1000``."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,8 @@ class UploadOptions:
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
         if self.checksum not in CHECKSUM_MODES:
-            raise UsageError(f"checksum must be one of {', '.join(CHECKSUM_MODES)}")
+            modes = f"{', '.join(CHECKSUM_MODES[:-1])} or {CHECKSUM_MODES[-1]}"
+            raise UsageError(f"the checksum must be {modes}, not {self.checksum!r}")
         if self.retry_deadline < 0:
             raise UsageError("the retry deadline cannot be negative")
 

@@ -82,6 +82,12 @@ def object_url(
     return f"{endpoint}/storage/v1/b/{bucket}/o/{name}{suffix}"
 
 
+def bucket_url(endpoint: str, bucket: str, *, user_project: str | None = None) -> str:
+    """The JSON API URL of a bucket's resource (asked to tell a missing bucket from a missing object)."""
+    suffix = f"?{urllib.parse.urlencode({'userProject': user_project})}" if user_project else ""
+    return f"{endpoint}/storage/v1/b/{urllib.parse.quote(bucket, safe='')}{suffix}"
+
+
 def status_request(session_uri: str) -> Request:
     """The status query: an empty PUT with ``Content-Range: bytes */*``."""
     return "PUT", session_uri, None, {"content-range": "bytes */*"}

@@ -48,6 +48,12 @@ SIMPLE = [
         "multiple of 256 KiB",
     ),
     ("chunk size not a size", f"--chunk-size lots - gs://{BUCKET}/o", 2, "not a size"),
+    (
+        "unknown checksum",
+        f"--checksum sha256 - gs://{BUCKET}/o",
+        2,
+        "the checksum must be crc32c, md5, both or none",
+    ),
     ("metadata without =", f"--metadata novalue - gs://{BUCKET}/o", 2, "metadata must be KEY=VALUE"),
     ("unknown option", f"--bogus - gs://{BUCKET}/o", 2, "No such option"),
     ("missing destination", "-", 2, "missing the destination"),

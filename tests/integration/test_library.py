@@ -288,7 +288,9 @@ def test_journaled_library_upload_resumes_by_id_after_a_transient_error(server, 
     result = gcsstream.upload(src, url, resume=err.upload_id)
     resource = assert_stored(server, BUCKET, "journaled", data)
     assert result.crc32c == resource["crc32c"] and resource["metadata"] == {"k": "v"}
-    assert list(state_dir.iterdir()) == []  # forgotten, lock file included
+    # forgotten, lock file included; only the record of what it created is left, for `status ID`
+    assert [p.name for p in state_dir.iterdir()] == ["finished"]
+    assert [p.name for p in (state_dir / "finished").iterdir()] == [f"{err.upload_id}.json"]
     assert len(server.sessions()) == 1
 
 

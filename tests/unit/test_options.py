@@ -50,7 +50,7 @@ def test_chunk_size_must_be_positive_multiple_of_256kib(size):
 
 
 def test_chunk_size_error_suggests_valid_values():
-    with pytest.raises(UsageError, match="try 1048576 or 1310720"):
+    with pytest.raises(UsageError, match="try 1MiB or 1280KiB"):
         check_chunk_size(1_000_000 + 48_576 + 1)
 
 
