@@ -295,7 +295,7 @@ class Downloader:
                 raise SinkError(f"reading {name}: {exc.strerror or exc}") from None
             if not piece:
                 break
-            prefix.crc = google_crc32c.extend(prefix.crc, piece)
+            prefix.crc = crc32c_extend(prefix.crc, piece)
             if prefix.md5 is not None:
                 prefix.md5.update(piece)
             prefix.length += len(piece)
