@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import logging
 import os
 import signal
 import sys
@@ -52,8 +51,15 @@ from gcsstream.options import (
     parse_metadata,
     parse_size,
 )
-from gcsstream.progress import ProgressState, display, format_download_summary, format_summary, human_bytes
-from gcsstream.redact import RedactingFilter, redact
+from gcsstream.progress import (
+    ProgressState,
+    display,
+    format_download_summary,
+    format_summary,
+    human_bytes,
+    say,
+)
+from gcsstream.redact import redact
 from gcsstream.session import resource_int
 from gcsstream.sources import ChunkSource, FileSource, GzipSource, ProducerSource, StreamSource
 from gcsstream.transport import Transport
@@ -391,7 +397,9 @@ def put(
                     source, destination, object_metadata, recorder=recorder, resume=resume
                 ),
             )
-    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "")
+    _report(
+        result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "", state.resumed_at
+    )
 
 
 @app.command(epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
@@ -494,7 +502,9 @@ def resume(
                     resume=Resume(session_uri, verify=verify),
                 ),
             )
-    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "")
+    _report(
+        result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "", state.resumed_at
+    )
 
 
 @app.command(epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
@@ -562,7 +572,7 @@ def cat(
                 source, sys.stdout.buffer, byte_range=span, raw=raw, sink_name="standard output"
             )
     if not quiet:
-        print(format_download_summary(result), file=sys.stderr, flush=True)
+        say(format_download_summary(result))
 
 
 @app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
@@ -586,16 +596,13 @@ def sessions(
             try:
                 journal.lock(entry.id)
             except Busy as exc:
-                print(f"gcsstream: kept {entry.id}: {exc}", file=sys.stderr)
+                say(f"kept {entry.id}: {exc}")
                 kept.append(entry)
                 continue
             state = _probe(entry, credentials)
             if state in ("gone", "finished"):
                 journal.remove(entry.id)
-                print(
-                    f"gcsstream: forgot {entry.id} ({entry.destination}): the session has {state}",
-                    file=sys.stderr,
-                )
+                say(f"forgot {entry.id} ({_printable(entry.destination)}): the session has {state}")
             else:
                 kept.append(entry)
                 journal.unlock(entry.id)
@@ -605,7 +612,7 @@ def sessions(
         print(json.dumps([{**_entry_summary(e), "driven_by": drivers[e.id]} for e in entries]))
         return
     if not entries:
-        print("no unfinished uploads", file=sys.stderr)
+        say("no unfinished uploads")
         return
     print(f"{'ID':<9} {'HELD':>10} {'AGE':>6}  DESTINATION  SOURCE")
     for e in entries:
@@ -670,11 +677,8 @@ def abort(
     if entry is not None:
         journal.remove(entry.id)
     what = entry.id if entry else "the session"
-    print(
-        f"gcsstream: aborted {what} ({_printable(str(destination))})"
-        if known
-        else f"gcsstream: {what} was already gone; forgotten",
-        file=sys.stderr,
+    say(
+        f"aborted {what} ({_printable(str(destination))})" if known else f"{what} was already gone; forgotten"
     )
 
 
@@ -683,7 +687,7 @@ def abort(
 
 def _journal() -> Journal:
     """The state directory's journal; each damaged or foreign file in it is named once on stderr."""
-    return Journal(warn=lambda message: print(f"gcsstream: warning: {_printable(message)}", file=sys.stderr))
+    return Journal(warn=lambda message: say(f"warning: {_printable(message)}"))
 
 
 def _printable(text: str) -> str:
@@ -819,27 +823,38 @@ def _stopped(reason: str, recorder: JournalRecorder | None) -> str:
     if entry is None:
         return f"{reason}; nothing was stored"
     again = f"... | gcsstream resume {entry.id} -" if entry.is_stream else f"gcsstream resume {entry.id}"
-    stored = f"{entry.persisted} bytes ({human_bytes(entry.persisted)})"
-    return f"{reason}; {stored} are stored; continue with: {again}"
+    # What the service last confirmed: it may hold more (a chunk whose answer was cut off).
+    stored = (
+        f"at least {entry.persisted} bytes ({human_bytes(entry.persisted)}) are stored "
+        "(confirmed by the service)"
+        if entry.persisted
+        else "the service had confirmed no byte yet"
+    )
+    return f"{reason}; {stored}; continue with: {again}"
 
 
-def _report(result: UploadResult, json_output: bool, quiet: bool, note: str = "") -> None:
+def _report(
+    result: UploadResult, json_output: bool, quiet: bool, note: str = "", resumed_at: int = 0
+) -> None:
     if json_output:
-        print(json.dumps(result.summary()), flush=True)
+        summary = result.summary()
+        if resumed_at:  # the rate of the bytes this run sent, not of the prefix already held
+            sent = result.size - resumed_at
+            summary["mb_per_s"] = round(sent / result.seconds / 1e6, 2) if result.seconds > 0 else 0.0
+        print(json.dumps({**summary, "resumed_at": resumed_at}), flush=True)
     elif not quiet:
-        print(format_summary(result, note), file=sys.stderr, flush=True)
+        say(format_summary(result, note, resumed_at))
 
 
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
-        print(f"gcsstream: {message}", file=sys.stderr, flush=True)
+        say(message)
 
 
 def _log_http() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactingFilter())
-    handler.setFormatter(logging.Formatter("gcsstream: debug: %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
+    from gcsstream import debuglog
+
+    debuglog.install()
 
 
 class _SigTerm(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
@@ -880,7 +895,7 @@ def _sigterm_raises() -> Iterator[None]:
 def _fail(message: str, code: int, debug: bool) -> NoReturn:
     if debug:
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
-    print(f"gcsstream: error: {redact(message)}", file=sys.stderr, flush=True)
+    say(f"error: {redact(message)}")
     sys.exit(code)
 
 

@@ -27,6 +27,7 @@ import requests
 
 from gcsstream.checksums import encode_crc32c
 from gcsstream.errors import (
+    GcsstreamError,
     IntegrityError,
     NotFoundError,
     OutputClosed,
@@ -159,6 +160,8 @@ class DownloadResult:
     crc32c: str | None
     verified: tuple[str, ...]
     seconds: float
+    #: Bytes written out when they differ from those received (a decompressed gzip object).
+    written: int | None = None
 
 
 class Downloader:
@@ -184,8 +187,23 @@ class Downloader:
         self._clock = clock
 
     def object_resource(self, source: ObjectURL) -> dict[str, Any]:
-        """The object's metadata (retried like any request)."""
-        return self._retrying(lambda _: self._resource_once(source), doing=lambda: f"reading {source}")
+        """The object's metadata (retried like any request); a 404 says what is missing."""
+        try:
+            return self._retrying(lambda _: self._resource_once(source), doing=lambda: f"reading {source}")
+        except NotFoundError:
+            raise NotFoundError(self._missing(source)) from None
+
+    def _missing(self, source: ObjectURL) -> str:
+        """Whether the bucket or the object is missing: one GET of the bucket tells (a 403 or a
+        failure of that GET leaves it unsaid)."""
+        url = object_url(self._transport.endpoint, source, user_project=self._transport.user_project)
+        try:
+            self._get(url.partition("/o/")[0], {})
+        except NotFoundError:
+            return f"bucket gs://{source.bucket} not found"
+        except (GcsstreamError, _Transient, *RETRYABLE_EXCEPTIONS):  # type: ignore[misc]
+            return f"{source} not found"
+        return f"object {source} not found (the bucket gs://{source.bucket} exists)"
 
     def download(
         self,
@@ -205,17 +223,18 @@ class Downloader:
         gzip = resource.get("contentEncoding") == "gzip" and not raw
         sink_out = _Sink(sink, sink_name)
         inflate = Gunzip(str(source)) if gzip else None
-        crc = 0
+        crc = written = 0
         md5 = hashlib.md5(usedforsecurity=False) if self._options.use_md5 else None
         url = self._object_url(source, media=True, generation=generation)
 
         def take(piece: bytes) -> None:
-            nonlocal crc
+            nonlocal crc, written
             crc = google_crc32c.extend(crc, piece)
             if md5 is not None:
                 md5.update(piece)
             for out in inflate.feed(piece) if inflate is not None else (piece,):
                 sink_out.write(out)
+                written += len(out)
 
         if size is None:  # allowed only for an empty object, checked below by its checksums
             received = self._retrying(lambda _: self._read_unsized(url, source, take))
@@ -256,6 +275,7 @@ class Downloader:
             crc32c=encode_crc32c(crc) if whole else None,
             verified=verified,
             seconds=self._clock() - started,
+            written=written if inflate is not None else None,
         )
 
     def _resource_once(self, source: ObjectURL) -> dict[str, Any]:
