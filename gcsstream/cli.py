@@ -56,6 +56,7 @@ from gcsstream.progress import (
     display,
     format_download_summary,
     format_summary,
+    format_table,
     human_bytes,
     say,
 )
@@ -346,6 +347,7 @@ def put(
         io_timeout=io_timeout,
         rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
+        _watch_for_emulator(transport, quiet)
         state = ProgressState(str(destination), source.size)
         uploader = Uploader(transport, options, on_event=state.record)
         identity = source_identity(raw_source)
@@ -486,6 +488,7 @@ def resume(
         anonymous=(entry is None or _is_session_uri(upload)) and credentials is None,
         rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
+        _watch_for_emulator(transport, quiet)
         state = ProgressState(str(destination), source.size)
         uploader = Uploader(transport, options, on_event=state.record)
         verify = (entry.persisted, entry.persisted_crc32c) if entry else None
@@ -614,14 +617,17 @@ def sessions(
     if not entries:
         say("no unfinished uploads")
         return
-    print(f"{'ID':<9} {'HELD':>10} {'AGE':>6}  DESTINATION  SOURCE")
+    rows = []
     for e in entries:
         source = _printable(str(e.source.get("path"))) if not e.is_stream else "stream"
         expired = " (expired)" if e.expired else ""
         driven = f" (being driven by process {drivers[e.id]})" if drivers[e.id] else ""
         held = human_bytes(e.persisted)
-        destination = _printable(e.destination)
-        print(f"{e.id:<9} {held:>10} {_age(e.created):>6}  {destination}  {source}{expired}{driven}")
+        cells = [e.id, held, _age(e.created), e.endpoint, e.destination]
+        rows.append([*map(_printable, cells), f"{source}{expired}{driven}"])
+    header = ["ID", "HELD", "AGE", "ENDPOINT", "DESTINATION", "SOURCE"]
+    for line in format_table(header, rows, right=frozenset({1, 2})):
+        print(line)
 
 
 @app.command(epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
@@ -767,9 +773,33 @@ def _transport_for(
     """A transport for a session's requests. Given by its URI (``by_uri``), a session needs no
     Google credentials unless --credentials names some: the URI is its own credential."""
     endpoint = entry.endpoint if entry else _origin(session_uri)
-    return Transport.connect(
+    transport = Transport.connect(
         endpoint, credentials_file=credentials, anonymous=(entry is None or by_uri) and credentials is None
     )
+    _watch_for_emulator(transport)
+    return transport
+
+
+_emulator_notice: list[Any] = []  # the run's one EmulatorNotice, once a transport exists
+
+
+def _watch_for_emulator(transport: Transport, quiet: bool = False) -> None:
+    """Say once per run when the endpoint answers like an emulator whose uploads differ from
+    the service's, rather than let a success there look like one on the service."""
+    if quiet:
+        return
+    from gcsstream.emulator import EmulatorNotice
+
+    if not _emulator_notice:
+        _emulator_notice.append(
+            EmulatorNotice(
+                lambda origin, name, differences: say(
+                    f"warning: {origin} answers like {name}, not like Cloud Storage: "
+                    f"{differences}; a success there proves less than on the service"
+                )
+            )
+        )
+    transport.add_response_hook(_emulator_notice[0])
 
 
 def _probe(entry: JournalEntry, credentials: str | None) -> str:

@@ -71,6 +71,31 @@ def say(text: str, stream: TextIO | None = None) -> None:
     print("\n".join(lines), file=out, flush=True)
 
 
+def cell_width(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (CJK) characters two, combining marks none."""
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text
+    )
+
+
+def format_table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Lines of a table whose columns line up whatever their lengths (cells already escaped);
+    columns in ``right`` are right-aligned, the last is never padded."""
+    table = [header, *rows]
+    widths = [max(cell_width(row[i]) for row in table) for i in range(len(header))]
+    lines = []
+    for row in table:
+        cells = []
+        for i, cell in enumerate(row):
+            pad = " " * (widths[i] - cell_width(cell))
+            last = i == len(row) - 1
+            cells.append(pad + cell if i in right else cell if last else cell + pad)
+        lines.append("  ".join(cells))
+    return lines
+
+
 def human_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -250,6 +250,10 @@ class Transport:
         if debuglog.enabled():  # --debug: each exchange on stderr, redacted (no cost otherwise)
             self._session.hooks["response"].append(debuglog.log_exchange)
 
+    def add_response_hook(self, hook: Any) -> None:
+        """Call ``hook(response)`` on each answer's headers, before its body is read."""
+        self._session.hooks["response"].append(hook)
+
     @classmethod
     def connect(
         cls,

@@ -113,7 +113,7 @@ def assert_one_line(code: int, err: str, expected_code: int, message: str) -> No
 
 
 def assert_row(code: int, err: str, row: Row) -> None:
-    assert_one_line(code, err, row.code, row.message)
+    assert_one_line(code, unstamped(err), row.code, row.message)
 
 
 @pytest.mark.parametrize(("label", "args", "code", "message"), SIMPLE, ids=[c[0] for c in SIMPLE])
