@@ -173,10 +173,30 @@ ProgressIntervalOpt = Annotated[
 ]
 RetryInitialDelayOpt = Annotated[float, typer.Option(hidden=True)]
 IoTimeoutOpt = Annotated[float, typer.Option(hidden=True)]
+
+
+def _complete_upload_ids(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion of ``resume``, ``status`` and ``abort``: the ids of the unfinished uploads
+    in the state directory, each with its destination. Reads the journal only (no network)."""
+    from gcsstream.journal import Journal
+
+    try:
+        entries = Journal(warn=lambda _: None).entries()
+    except (GcsstreamError, OSError):
+        return []
+    return [
+        (e.id, f"{_printable(e.destination)}, {human_bytes(e.persisted)} held")
+        for e in entries
+        if e.id.startswith(incomplete)
+    ]
+
+
 UploadArg = Annotated[
     str,
     typer.Argument(
-        metavar="ID|SESSION_URI", help="An upload id (see `gcsstream sessions`) or a session URI."
+        metavar="ID|SESSION_URI",
+        help="An upload id (see `gcsstream sessions`) or a session URI.",
+        autocompletion=_complete_upload_ids,
     ),
 ]
 LimitRateOpt = Annotated[
@@ -409,7 +429,9 @@ def resume(
     upload: Annotated[
         str,
         typer.Argument(
-            metavar="ID|SESSION_URI", help="The id printed when the upload stopped, or a session URI."
+            metavar="ID|SESSION_URI",
+            help="The id printed when the upload stopped, or a session URI.",
+            autocompletion=_complete_upload_ids,
         ),
     ],
     src: Annotated[
