@@ -106,7 +106,7 @@ SESSIONS_EXAMPLES = """\
 Examples:
 
 \b
-  gcsstream sessions                 # id, bytes held, age, destination, source
+  gcsstream sessions                 # id, bytes held, age, endpoint, destination, source
   gcsstream sessions --prune         # forget uploads the service no longer knows
   gcsstream status 3f9c2a1b --json   # {"upload": ..., "held": 2147483648, "finished": false}
   gcsstream abort 3f9c2a1b           # cancel it on the service and forget it
@@ -610,7 +610,7 @@ def sessions(
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List unfinished uploads: id, destination, bytes held, age, source."""
+    """List unfinished uploads: id, bytes held, age, endpoint, destination, source."""
     if debug:
         _log_http()
     journal = _journal()
