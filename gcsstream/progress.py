@@ -228,7 +228,9 @@ class _Display:
             cells.append(Text(f"ETA {human_duration((size - persisted) / rate)}", style="yellow"))
         row.add_row(*cells)
         lines: list[Table | Text] = [row]
-        detail = f"{self.verb} {human_bytes(sent)}, confirmed by the service {human_bytes(persisted)}"
+        detail = f"{self.verb} {human_bytes(sent)}"
+        if self.verb != "received":  # a download has nothing for the service to confirm
+            detail += f", confirmed by the service {human_bytes(persisted)}"
         lines.append(Text(f"  {detail}" + (f" · {note}" if note else ""), style="dim"))
         return Group(*lines)
 

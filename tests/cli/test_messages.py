@@ -305,3 +305,14 @@ def test_the_test_server_is_not_taken_for_an_emulator(server, env, tmp_path):
     r = run(f"gcsstream put --chunk-size {CHUNK} {src} gs://{BUCKET}/real", env)
     assert r.returncode == 0 and b"answers like" not in r.stderr, r.stderr
     assert_stored(server, BUCKET, "real", src.read_bytes())
+
+
+def test_cat_live_bar_says_received_not_confirmed(server, env):
+    from tests.cli.test_experience import plain, run_in_terminal
+
+    server.put_object(BUCKET, "tty", os.urandom(2 * CHUNK))
+    server.faults.add(Fault("trickle", on="download", rate=CHUNK, seconds=30))
+    code, raw, _ = run_in_terminal(f"gcsstream cat gs://{BUCKET}/tty > /dev/null", {**env, "TERM": "xterm"})
+    assert code == 0, raw
+    assert "━" in raw and "  received " in plain(raw), raw
+    assert "stored" not in plain(raw) and "confirmed" not in plain(raw), raw
