@@ -28,6 +28,15 @@ def unstamped(text):
     return STAMP.sub("", text)
 
 
+def emulator_messages(stderr: bytes, emulator) -> str:
+    """stderr of a run against ``emulator``, unstamped, less the one line that names the emulator
+    (asserting it is there: gcsstream says once per run that the endpoint is not the service)."""
+    lines = unstamped(stderr.decode()).splitlines(keepends=True)
+    notice = [line for line in lines if f"answers like {emulator.name}, not like Cloud Storage" in line]
+    assert len(notice) == 1, lines
+    return "".join(line for line in lines if line not in notice)
+
+
 @pytest.fixture(autouse=True)
 def state_dir(tmp_path, monkeypatch):
     """Each test has its own journal directory; nothing is written to the user's state dir."""
