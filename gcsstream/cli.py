@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -53,8 +52,16 @@ from gcsstream.options import (
     parse_metadata,
     parse_size,
 )
-from gcsstream.progress import ProgressState, display, format_download_summary, format_summary, human_bytes
-from gcsstream.redact import RedactingFilter, redact
+from gcsstream.progress import (
+    ProgressState,
+    display,
+    format_download_summary,
+    format_summary,
+    format_table,
+    human_bytes,
+    say,
+)
+from gcsstream.redact import redact
 from gcsstream.session import resource_int
 from gcsstream.sources import ChunkSource, FileSource, GzipSource, ProducerSource, StreamSource
 from gcsstream.transport import Transport
@@ -100,7 +107,7 @@ SESSIONS_EXAMPLES = """\
 Examples:
 
 \b
-  gcsstream sessions                 # id, bytes held, age, destination, source
+  gcsstream sessions                 # id, bytes held, age, endpoint, destination, source
   gcsstream sessions --prune         # forget uploads the service no longer knows
   gcsstream status 3f9c2a1b --json   # {"upload": ..., "held": 2147483648, "finished": false}
   gcsstream abort 3f9c2a1b           # cancel it on the service and forget it
@@ -184,10 +191,30 @@ ProgressIntervalOpt = Annotated[
 ]
 RetryInitialDelayOpt = Annotated[float, typer.Option(hidden=True)]
 IoTimeoutOpt = Annotated[float, typer.Option(hidden=True)]
+
+
+def _complete_upload_ids(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion of ``resume``, ``status`` and ``abort``: the ids of the unfinished uploads
+    in the state directory, each with its destination. Reads the journal only (no network)."""
+    from gcsstream.journal import Journal
+
+    try:
+        entries = Journal(warn=lambda _: None).entries()
+    except (GcsstreamError, OSError):
+        return []
+    return [
+        (e.id, f"{_printable(e.destination)}, {human_bytes(e.persisted)} held")
+        for e in entries
+        if e.id.startswith(incomplete)
+    ]
+
+
 UploadArg = Annotated[
     str,
     typer.Argument(
-        metavar="ID|SESSION_URI", help="An upload id (see `gcsstream sessions`) or a session URI."
+        metavar="ID|SESSION_URI",
+        help="An upload id (see `gcsstream sessions`) or a session URI.",
+        autocompletion=_complete_upload_ids,
     ),
 ]
 LimitRateOpt = Annotated[
@@ -376,6 +403,7 @@ def put(
         io_timeout=io_timeout,
         rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
+        _watch_for_emulator(transport, quiet)
         state = ProgressState(str(destination), source.size)
         uploader = Uploader(transport, options, on_event=state.record)
         identity = source_identity(raw_source)
@@ -428,7 +456,14 @@ def put(
                 ),
             )
     _remember_finished(recorder, result)
-    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "", recorder)
+    _report(
+        result,
+        json_output,
+        quiet,
+        " of the gzip-compressed bytes stored" if gzip else "",
+        state.resumed_at,
+        recorder,
+    )
 
 
 @app.command(cls=_Command, epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
@@ -436,7 +471,9 @@ def resume(
     upload: Annotated[
         str,
         typer.Argument(
-            metavar="ID|SESSION_URI", help="The id printed when the upload stopped, or a session URI."
+            metavar="ID|SESSION_URI",
+            help="The id printed when the upload stopped, or a session URI.",
+            autocompletion=_complete_upload_ids,
         ),
     ],
     src: Annotated[
@@ -515,6 +552,7 @@ def resume(
         anonymous=(entry is None or _is_session_uri(upload)) and credentials is None,
         rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
+        _watch_for_emulator(transport, quiet)
         state = ProgressState(str(destination), source.size)
         uploader = Uploader(transport, options, on_event=state.record)
         verify = (entry.persisted, entry.persisted_crc32c) if entry else None
@@ -532,7 +570,14 @@ def resume(
                 ),
             )
     _remember_finished(recorder, result)
-    _report(result, json_output, quiet, " of the gzip-compressed bytes stored" if gzip else "", recorder)
+    _report(
+        result,
+        json_output,
+        quiet,
+        " of the gzip-compressed bytes stored" if gzip else "",
+        state.resumed_at,
+        recorder,
+    )
 
 
 @app.command(cls=_Command, epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
@@ -630,7 +675,7 @@ def cat(
     if json_output:
         print(json.dumps(_download_summary(result, output)), flush=True)
     elif not quiet:
-        print(format_download_summary(result), file=sys.stderr, flush=True)
+        say(format_download_summary(result))
         if output is not None:
             resumed = (
                 f", continuing the {result.resumed} bytes already in its partial file"
@@ -692,7 +737,7 @@ def sessions(
     ] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List unfinished uploads: id, destination, bytes held, age, source."""
+    """List unfinished uploads: id, bytes held, age, endpoint, destination, source."""
     if debug:
         _log_http()
     journal = _journal()
@@ -703,16 +748,13 @@ def sessions(
             try:
                 journal.lock(entry.id)
             except Busy as exc:
-                print(f"gcsstream: kept {entry.id}: {exc}", file=sys.stderr)
+                say(f"kept {entry.id}: {exc}")
                 kept.append(entry)
                 continue
             state = _probe(entry, credentials)
             if state in ("gone", "finished"):
                 journal.remove(entry.id)
-                print(
-                    f"gcsstream: forgot {entry.id} ({entry.destination}): the session has {state}",
-                    file=sys.stderr,
-                )
+                say(f"forgot {entry.id} ({_printable(entry.destination)}): the session has {state}")
             else:
                 kept.append(entry)
                 journal.unlock(entry.id)
@@ -722,16 +764,19 @@ def sessions(
         print(json.dumps([{**_entry_summary(e), "driven_by": drivers[e.id]} for e in entries]))
         return
     if not entries:
-        print("no unfinished uploads", file=sys.stderr)
+        say("no unfinished uploads")
         return
-    print(f"{'ID':<9} {'HELD':>10} {'AGE':>6}  DESTINATION  SOURCE")
+    rows = []
     for e in entries:
         source = _printable(str(e.source.get("path"))) if not e.is_stream else "stream"
         expired = " (expired)" if e.expired else ""
         driven = f" (being driven by process {drivers[e.id]})" if drivers[e.id] else ""
         held = human_bytes(e.persisted)
-        destination = _printable(e.destination)
-        print(f"{e.id:<9} {held:>10} {_age(e.created):>6}  {destination}  {source}{expired}{driven}")
+        cells = [e.id, held, _age(e.created), e.endpoint, e.destination]
+        rows.append([*map(_printable, cells), f"{source}{expired}{driven}"])
+    header = ["ID", "HELD", "AGE", "ENDPOINT", "DESTINATION", "SOURCE"]
+    for line in format_table(header, rows, right=frozenset({1, 2})):
+        print(line)
 
 
 @app.command(cls=_Command, epilog=SESSIONS_EXAMPLES + "\n" + EXIT_CODES)
@@ -800,11 +845,8 @@ def abort(
         }
         print(json.dumps(summary), flush=True)
         return
-    print(
-        f"gcsstream: aborted {what} ({_printable(str(destination))})"
-        if known
-        else f"gcsstream: {what} was already gone; forgotten",
-        file=sys.stderr,
+    say(
+        f"aborted {what} ({_printable(str(destination))})" if known else f"{what} was already gone; forgotten"
     )
 
 
@@ -813,7 +855,7 @@ def abort(
 
 def _journal() -> Journal:
     """The state directory's journal; each damaged or foreign file in it is named once on stderr."""
-    return Journal(warn=lambda message: print(f"gcsstream: warning: {_printable(message)}", file=sys.stderr))
+    return Journal(warn=lambda message: say(f"warning: {_printable(message)}"))
 
 
 def _printable(text: str) -> str:
@@ -987,9 +1029,33 @@ def _transport_for(
     """A transport for a session's requests. Given by its URI (``by_uri``), a session needs no
     Google credentials unless --credentials names some: the URI is its own credential."""
     endpoint = entry.endpoint if entry else _origin(session_uri)
-    return Transport.connect(
+    transport = Transport.connect(
         endpoint, credentials_file=credentials, anonymous=(entry is None or by_uri) and credentials is None
     )
+    _watch_for_emulator(transport)
+    return transport
+
+
+_emulator_notice: list[Any] = []  # the run's one EmulatorNotice, once a transport exists
+
+
+def _watch_for_emulator(transport: Transport, quiet: bool = False) -> None:
+    """Say once per run when the endpoint answers like an emulator whose uploads differ from
+    the service's, rather than let a success there look like one on the service."""
+    if quiet:
+        return
+    from gcsstream.emulator import EmulatorNotice
+
+    if not _emulator_notice:
+        _emulator_notice.append(
+            EmulatorNotice(
+                lambda origin, name, differences: say(
+                    f"warning: {origin} answers like {name}, not like Cloud Storage: "
+                    f"{differences}; a success there proves less than on the service"
+                )
+            )
+        )
+    transport.add_response_hook(_emulator_notice[0])
 
 
 def _probe(entry: JournalEntry, credentials: str | None) -> str:
@@ -1057,8 +1123,14 @@ def _stopped(reason: str, recorder: JournalRecorder | None) -> str:
     if entry is None:
         return f"{reason}; nothing was stored"
     again = _resume_command(entry)
-    stored = f"{entry.persisted} bytes ({human_bytes(entry.persisted)})"
-    return f"{reason}; {stored} are stored; continue with: {again}"
+    # What the service last confirmed: it may hold more (a chunk whose answer was cut off).
+    stored = (
+        f"at least {entry.persisted} bytes ({human_bytes(entry.persisted)}) are stored "
+        "(confirmed by the service)"
+        if entry.persisted
+        else "the service had confirmed no byte yet"
+    )
+    return f"{reason}; {stored}; continue with: {again}"
 
 
 def _report(
@@ -1066,25 +1138,32 @@ def _report(
     json_output: bool,
     quiet: bool,
     note: str = "",
+    resumed_at: int = 0,
     recorder: JournalRecorder | None = None,
 ) -> None:
     if json_output:
+        summary = result.summary()
+        if resumed_at:  # the rate of the bytes this run sent, not of the prefix already held
+            sent = result.size - resumed_at
+            summary["mb_per_s"] = round(sent / result.seconds / 1e6, 2) if result.seconds > 0 else 0.0
         upload = recorder.entry.id if recorder is not None and recorder.entry is not None else None
-        print(json.dumps({**result.summary(), **({"upload": upload} if upload else {})}), flush=True)
+        print(
+            json.dumps({**summary, "resumed_at": resumed_at, **({"upload": upload} if upload else {})}),
+            flush=True,
+        )
     elif not quiet:
-        print(format_summary(result, note), file=sys.stderr, flush=True)
+        say(format_summary(result, note, resumed_at))
 
 
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
-        print(f"gcsstream: {message}", file=sys.stderr, flush=True)
+        say(message)
 
 
 def _log_http() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactingFilter())
-    handler.setFormatter(logging.Formatter("gcsstream: debug: %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
+    from gcsstream import debuglog
+
+    debuglog.install()
 
 
 class _SigTerm(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
@@ -1129,7 +1208,7 @@ def _fail(
     stdout too (``_failure_summary``); then the exit code."""
     if debug:
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
-    print(f"gcsstream: error: {redact(message)}", file=sys.stderr, flush=True)
+    say(f"error: {redact(message)}")
     if as_json:
         try:
             print(json.dumps(_failure_summary(message, code, error)), flush=True)

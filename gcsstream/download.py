@@ -167,6 +167,8 @@ class DownloadResult:
     seconds: float
     #: Bytes a ``download_to_file`` took from the partial file of an earlier run (not received again).
     resumed: int = 0
+    #: Bytes written out when they differ from those received (a decompressed gzip object).
+    written: int | None = None
 
 
 def partial_path(path: str | os.PathLike[str]) -> Path:
@@ -225,7 +227,7 @@ class Downloader:
         if response.status_code == 404:
             return f"bucket gs://{source.bucket} not found"
         if response.status_code == 200:
-            return f"object {source} not found (the bucket exists)"
+            return f"object {source} not found (the bucket gs://{source.bucket} exists)"
         return None
 
     def download_to_file(
@@ -337,17 +339,18 @@ class Downloader:
         gzip = resource.get("contentEncoding") == "gzip" and not raw
         sink_out = _Sink(sink, sink_name)
         inflate = Gunzip(str(source)) if gzip else None
-        crc = prefix.crc
+        crc, written = prefix.crc, 0
         md5 = prefix.md5
         url = self._object_url(source, media=True, generation=generation)
 
         def take(piece: bytes) -> None:
-            nonlocal crc
+            nonlocal crc, written
             crc = crc32c_extend(crc, piece)
             if md5 is not None:
                 md5.update(piece)
             for out in inflate.feed(piece) if inflate is not None else (piece,):
                 sink_out.write(out)
+                written += len(out)
 
         if size is None:  # allowed only for an empty object, checked below by its checksums
             received = self._retrying(lambda _: self._read_unsized(url, source, take))
@@ -389,6 +392,7 @@ class Downloader:
             verified=verified,
             seconds=self._clock() - started,
             resumed=prefix.length,
+            written=written if inflate is not None else None,
         )
 
     def _resource_once(self, source: ObjectURL) -> dict[str, Any]:

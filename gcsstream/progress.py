@@ -17,17 +17,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
-
-from gcsstream.download import DownloadResult
-from gcsstream.engine import UploadResult
 from gcsstream.events import ChunkPersisted, ChunkSending, Event, Retrying, UploadFinished, UploadStarted
+
+if TYPE_CHECKING:  # rich, the engine and the downloader are imported only when used
+    from rich.console import Group
+
+    from gcsstream.download import DownloadResult
+    from gcsstream.engine import UploadResult
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _RATE_WINDOW = 5.0  # seconds of history behind the displayed rate
@@ -42,34 +40,105 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def human_rate(bytes_per_second: float) -> str:
+    """``12.5 MiB/s``: rates in the binary units of sizes, as curl and rclone print them."""
+    return f"{human_bytes(bytes_per_second)}/s"
+
+
+def timestamp() -> str:
+    """The UTC time at the start of each stderr line that does not go to a terminal."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stamped(stream: TextIO) -> bool:
+    """Whether lines written to ``stream`` carry a timestamp: everywhere but on a terminal."""
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):  # closed or not a real file: a log, not a person
+        return True
+
+
+def say(text: str, stream: TextIO | None = None) -> None:
+    """Print one ``gcsstream: ...`` line on stderr, timestamped unless stderr is a terminal.
+
+    Every message goes through here (progress, warnings, the summary, errors), so a log
+    reads as one consistent, timestamped sequence."""
+    out = stream or sys.stderr
+    lines = [f"gcsstream: {line}" for line in text.split("\n")]
+    if stamped(out):
+        prefix = f"{timestamp()} "
+        lines = [prefix + line for line in lines]
+    print("\n".join(lines), file=out, flush=True)
+
+
+def cell_width(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (CJK) characters two, combining marks none."""
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text
+    )
+
+
+def format_table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Lines of a table whose columns line up whatever their lengths (cells already escaped);
+    columns in ``right`` are right-aligned, the last is never padded."""
+    table = [header, *rows]
+    widths = [max(cell_width(row[i]) for row in table) for i in range(len(header))]
+    lines = []
+    for row in table:
+        cells = []
+        for i, cell in enumerate(row):
+            pad = " " * (widths[i] - cell_width(cell))
+            last = i == len(row) - 1
+            cells.append(pad + cell if i in right else cell if last else cell + pad)
+        lines.append("  ".join(cells))
+    return lines
+
+
 def human_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def format_summary(result: UploadResult, note: str = "") -> str:
-    """The one line printed on success: object, generation, bytes, crc32c, seconds, MB/s."""
+def format_summary(result: UploadResult, note: str = "", resumed_at: int = 0) -> str:
+    """The line printed on success: object, generation, bytes, crc32c, seconds, rate.
+
+    A resumed upload's rate is that of the bytes this run sent (the prefix the service already
+    held was not sent), and the line says how much that was."""
     checks = f"crc32c {result.crc32c}" if result.crc32c else "no crc32c"
     if "md5" in result.verified:
         checks += f", md5 {result.md5}"
     checks += " (verified)" if result.verified else " (not verified: --checksum none)"
+    sent = result.size - resumed_at
+    rate = human_rate(sent / result.seconds if result.seconds > 0 else 0.0)
+    timing = f"{result.seconds:.2f} s, {rate}"
+    if resumed_at:
+        timing = (
+            f"this run sent {sent} bytes ({human_bytes(sent)}) in {timing} "
+            f"(resumed at {resumed_at} bytes held by the service)"
+        )
     return (
-        f"gcsstream: uploaded {result.url} generation {result.generation}: "
-        f"{result.size} bytes ({human_bytes(result.size)}), {checks}{note}, "
-        f"{result.seconds:.2f} s, {result.bytes_per_second / 1e6:.1f} MB/s"
+        f"uploaded {result.url} generation {result.generation}: "
+        f"{result.size} bytes ({human_bytes(result.size)}), {checks}{note}, {timing}"
     )
 
 
 def format_download_summary(result: DownloadResult) -> str:
-    """The one line printed after ``cat``."""
+    """The line printed after ``cat``: the bytes written out, and those stored when they differ
+    (a gzip-encoded object is decompressed on the way out)."""
     if result.verified:
         checks = f"crc32c {result.crc32c} (verified)" if "crc32c" in result.verified else "md5 (verified)"
     else:
         checks = "a byte range: not checked against the object" if result.crc32c is None else "not verified"
+    written = result.size if result.written is None else result.written
+    amount = f"{written} bytes ({human_bytes(written)})"
+    if result.written is not None:
+        amount += f" decompressed from {result.size} bytes ({human_bytes(result.size)}) stored gzip-encoded"
+    rate = human_rate(result.size / result.seconds if result.seconds else 0)
     return (
-        f"gcsstream: read {result.url} generation {result.generation}: {result.size} bytes "
-        f"({human_bytes(result.size)}), {checks}, {result.seconds:.2f} s, "
-        f"{result.size / result.seconds / 1e6 if result.seconds else 0:.1f} MB/s"
+        f"read {result.url} generation {result.generation}: {amount}, {checks}, "
+        f"{result.seconds:.2f} s, {rate}"
     )
 
 
@@ -141,6 +210,11 @@ class _Display:
         self.verb = verb
 
     def __rich__(self) -> Group:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
         persisted, sent, size, rate, elapsed, note = self.state.snapshot()
         row = Table.grid(padding=(0, 1))
         bar = ProgressBar(total=size if size else None, completed=persisted, width=30)
@@ -148,38 +222,44 @@ class _Display:
         cells: list[Text | ProgressBar] = [Text(self.state.label, style="bold"), bar]
         if size:
             cells.append(Text(f"{persisted / size:4.0%}" if size else "", style="magenta"))
-        cells += [Text(amount, style="green"), Text(f"{rate / 1e6:.1f} MB/s", style="cyan")]
+        cells += [Text(amount, style="green"), Text(human_rate(rate), style="cyan")]
         cells.append(Text(human_duration(elapsed), style="yellow"))
         if size and rate > 0 and persisted < size:
             cells.append(Text(f"ETA {human_duration((size - persisted) / rate)}", style="yellow"))
         row.add_row(*cells)
         lines: list[Table | Text] = [row]
-        detail = f"{self.verb} {human_bytes(sent)}, confirmed by the service {human_bytes(persisted)}"
+        detail = f"{self.verb} {human_bytes(sent)}"
+        if self.verb != "received":  # a download has nothing for the service to confirm
+            detail += f", confirmed by the service {human_bytes(persisted)}"
         lines.append(Text(f"  {detail}" + (f" · {note}" if note else ""), style="dim"))
         return Group(*lines)
 
 
 @contextlib.contextmanager
 def _rich_display(state: ProgressState, stream: TextIO, verb: str) -> Iterator[None]:
+    from rich.console import Console
+    from rich.live import Live
+
     console = Console(file=stream, force_terminal=True)
     with Live(_Display(state, verb), console=console, refresh_per_second=10, transient=True):
         yield
 
 
 @contextlib.contextmanager
-def _plain_display(state: ProgressState, stream: TextIO, interval: float) -> Iterator[None]:
-    """A timestamped line every ``interval`` seconds, and one per retry; no control characters."""
+def _plain_display(state: ProgressState, stream: TextIO, interval: float, done: str) -> Iterator[None]:
+    """A timestamped line every ``interval`` seconds, and one per retry; no control characters.
+
+    ``done`` says what the count is: bytes "stored" by the service, or "received" from it."""
     stop = threading.Event()
 
     def line(text: str) -> None:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        print(f"{stamp} gcsstream: {text}", file=stream, flush=True)
+        say(text, stream)
 
     def status() -> str:
         persisted, _, size, rate, elapsed, _ = state.snapshot()
         share = f" of {human_bytes(size)} ({persisted / size:.0%})" if size else ""
         return (
-            f"{state.label}: {human_bytes(persisted)}{share} stored, {rate / 1e6:.1f} MB/s, {elapsed:.0f} s"
+            f"{state.label}: {human_bytes(persisted)}{share} {done}, rate {human_rate(rate)}, {elapsed:.0f} s"
         )
 
     def run() -> None:
@@ -218,12 +298,13 @@ def display(
     ``quiet`` nothing.
     """
     out = stream or sys.stderr
+    done = "received" if verb == "received" else "stored"
     if quiet:
         return contextlib.nullcontext()
     if mode is None:
         mode = out.isatty() and os.environ.get("TERM") != "dumb"
         if not mode:
-            return _plain_display(state, out, interval)
+            return _plain_display(state, out, interval, done)
     if mode:
         return _rich_display(state, out, verb)
-    return _plain_display(state, out, math.inf)  # --no-progress: only retries and resumes
+    return _plain_display(state, out, math.inf, done)  # --no-progress: only retries and resumes

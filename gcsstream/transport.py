@@ -24,6 +24,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import ProxyManager
 
+from gcsstream import debuglog
 from gcsstream.errors import AuthError, ServiceError, UsageError
 from gcsstream.options import UploadOptions, origin
 from gcsstream.retry import AnswerTooSlow, permanent_network_failure
@@ -253,6 +254,12 @@ class Transport:
             )
         self._io_timeout = io_timeout
         self._timeout = (connect_timeout, io_timeout)
+        if debuglog.enabled():  # --debug: each exchange on stderr, redacted (no cost otherwise)
+            self._session.hooks["response"].append(debuglog.log_exchange)
+
+    def add_response_hook(self, hook: Any) -> None:
+        """Call ``hook(response)`` on each answer's headers, before its body is read."""
+        self._session.hooks["response"].append(hook)
 
     @classmethod
     def connect(

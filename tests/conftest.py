@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,24 @@ from tests.emulators import EMULATOR_NAMES, start_emulator
 
 BUCKET = "gcsstream-test"
 _names = itertools.count()
+#: The UTC timestamp that starts every stderr line when stderr is not a terminal.
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", re.MULTILINE)
+
+
+def unstamped(text):
+    """stderr text (str or bytes) without the timestamp at the start of each line."""
+    if isinstance(text, bytes):
+        return STAMP.sub("", text.decode()).encode()
+    return STAMP.sub("", text)
+
+
+def emulator_messages(stderr: bytes, emulator) -> str:
+    """stderr of a run against ``emulator``, unstamped, less the one line that names the emulator
+    (asserting it is there: gcsstream says once per run that the endpoint is not the service)."""
+    lines = unstamped(stderr.decode()).splitlines(keepends=True)
+    notice = [line for line in lines if f"answers like {emulator.name}, not like Cloud Storage" in line]
+    assert len(notice) == 1, lines
+    return "".join(line for line in lines if line not in notice)
 
 
 @pytest.fixture(autouse=True)

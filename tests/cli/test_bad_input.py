@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.conftest import BUCKET, assert_stored
+from tests.conftest import BUCKET, assert_stored, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, GcsTestServer
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -108,7 +108,7 @@ def put(args: str, env: dict[str, str], stdin: str = "echo data |", runner: str 
     proc = subprocess.run(
         ["bash", "-c", f"{stdin} {runner} gcsstream put {args}"], env=env, capture_output=True, timeout=60
     )
-    return proc.returncode, proc.stderr.decode()
+    return proc.returncode, unstamped(proc.stderr.decode())
 
 
 def assert_one_line(code: int, err: str, expected_code: int, message: str) -> None:
@@ -119,7 +119,7 @@ def assert_one_line(code: int, err: str, expected_code: int, message: str) -> No
 
 
 def assert_row(code: int, err: str, row: Row) -> None:
-    assert_one_line(code, err, row.code, row.message)
+    assert_one_line(code, unstamped(err), row.code, row.message)
 
 
 @pytest.mark.parametrize(("label", "args", "code", "message"), SIMPLE, ids=[c[0] for c in SIMPLE])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_stored
+from tests.conftest import assert_stored, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, GcsTestServer
 from tests.wrong_server import Behaviour, Reply, WrongServer, gzip_member
 
@@ -56,7 +56,7 @@ def cat(args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Comp
 
 def one_error_line(stderr: bytes, *needles: str) -> str:
     """stderr is exactly one error line (no traceback, no 'internal error') containing ``needles``."""
-    err = stderr.decode()
+    err = unstamped(stderr.decode())
     assert err.count("\n") == 1 and err.startswith("gcsstream: error: "), err
     assert "internal error" not in err and "Traceback" not in err, err
     for needle in needles:
@@ -313,7 +313,7 @@ def test_cat_into_a_full_disk_is_one_line(server, env):
     server.put_object(BUCKET, "o", os.urandom(2 * QUANTUM))
     r = bash(f"gcsstream cat gs://{BUCKET}/o > /dev/full", env, timeout=60)
     assert r.returncode == 1
-    assert r.stderr == b"gcsstream: error: writing standard output: No space left on device\n"
+    assert unstamped(r.stderr) == b"gcsstream: error: writing standard output: No space left on device\n"
 
 
 # -- 17: the first requests are retried ------------------------------------------------------------

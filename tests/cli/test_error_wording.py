@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+from tests.conftest import unstamped
 from tests.wrong_server import Behaviour, Reply, WrongServer
 
 BUCKET = "gcsstream-test"
@@ -39,7 +40,7 @@ def test_412_without_a_precondition_is_worded_as_such(gcsstream_exe, tmp_path):
         assert (BUCKET, "obj") not in server.objects
     assert finals, "the upload never reached its final request"
     assert proc.returncode == 6, proc.stderr
-    assert proc.stderr == (
+    assert unstamped(proc.stderr) == (
         "gcsstream: error: the service answered 412 (precondition failed) for gs://gcsstream-test/obj, "
         "though no precondition was given: At least one of the pre-conditions you specified did not "
         "hold. (conditionNotMet)\n"

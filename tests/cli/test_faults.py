@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import assert_stored
+from tests.conftest import assert_stored, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 
 BUCKET = "faults"
@@ -123,14 +123,15 @@ def test_forbidden_is_auth_error(server, put):
     server.faults.add(Fault("status", status=403, on="initiate"))
     proc, _ = put()
     assert proc.returncode == 4, proc.stderr.decode()
-    assert proc.stderr.decode().startswith("gcsstream: error: access to gs://faults/obj denied (403)")
+    err = unstamped(proc.stderr.decode())
+    assert err.startswith("gcsstream: error: access to gs://faults/obj denied (403)")
 
 
 def test_401_without_refreshable_credentials_is_auth_error(server, put):
     server.faults.add(Fault("unauthorized", on="chunk", nth=1))
     proc, _ = put()
     assert proc.returncode == 4, proc.stderr.decode()
-    assert proc.stderr.decode().startswith("gcsstream: error: "), proc.stderr.decode()
+    assert unstamped(proc.stderr.decode()).startswith("gcsstream: error: "), proc.stderr.decode()
     assert server.faults.applied("unauthorized")
     assert server.object_resource(BUCKET, "obj") is None
 
@@ -151,7 +152,7 @@ def test_retry_deadline_gives_75_and_leaves_session_open(server, put):
     proc, _ = put("--retry-deadline 1")
     err = proc.stderr.decode()
     assert proc.returncode == 75, err
-    assert err.strip().splitlines()[-1].startswith("gcsstream: error: gave up after")
+    assert unstamped(err).strip().splitlines()[-1].startswith("gcsstream: error: gave up after")
     (session,) = server.sessions()
     assert session.persisted == CHUNK and not session.cancelled and not session.finalized
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.cli import test_faults
+from tests.conftest import unstamped
 from tests.wrong_server import Behaviour, Reply, Request, Session, WrongServer
 
 BUCKET = "gcsstream-test"
@@ -39,7 +40,7 @@ def gcsstream(
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one line gcsstream printed on failure (asserting it is the only one)."""
-    lines = proc.stderr.decode().strip().splitlines()
+    lines = unstamped(proc.stderr.decode()).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gcsstream: error: "), lines
     return lines[0]
 
@@ -217,7 +218,7 @@ def test_trickling_answer_is_cut_at_the_io_timeout_and_retried(gcsstream_exe):
     err = proc.stderr.decode()
     assert proc.returncode == 75, err
     assert "timed out (the answer was still arriving 2 s after it began), retrying" in err
-    assert err.strip().splitlines()[-1].startswith("gcsstream: error: gave up after"), err
+    assert unstamped(err).strip().splitlines()[-1].startswith("gcsstream: error: gave up after"), err
     assert [r.method for r in server.requests].count("POST") >= 2 and not server.objects
 
 
@@ -417,7 +418,7 @@ def test_an_unreachable_token_host_is_retried_within_the_deadline_and_announced(
     assert proc.returncode == 75, err
     host = unreachable["token_uri"].split("/")[2]
     assert f"fetching credentials from {host}: connection refused, retrying in" in err
-    last = err.strip().splitlines()[-1]
+    last = unstamped(err).strip().splitlines()[-1]
     assert last.startswith("gcsstream: error: gave up after") and "fetching credentials" in last, err
     assert server.requests == [], "no request may go out without its credentials"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_stored
+from tests.conftest import assert_stored, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, GcsTestServer
 
 BUCKET = "producer"
@@ -154,7 +154,7 @@ def test_producer_group_is_gone_after_a_signal_and_the_resume_command_is_printed
     rc, err = run.finish()
     assert rc == code, err
     upload_id = stream_resume_id(err)
-    assert err.startswith(f"gcsstream: error: {word}; ")
+    assert unstamped(err).startswith(f"gcsstream: error: {word}; ")
     assert_gone(leader, child)
     listed = subprocess.run([gcsstream_exe, "sessions", "--json"], capture_output=True, text=True, check=True)
     assert [e["id"] for e in json.loads(listed.stdout)] == [upload_id]

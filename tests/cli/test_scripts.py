@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_stored, crc32c_b64
+from tests.conftest import assert_stored, crc32c_b64, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 from tests.wrong_server import gzip_member
 
@@ -54,7 +54,7 @@ def one_json(stdout: str) -> dict:
 
 def error_line(stderr: str) -> str:
     """The message of the last stderr line, which must be gcsstream's error line."""
-    last = stderr.splitlines()[-1]
+    last = unstamped(stderr).splitlines()[-1]
     assert last.startswith("gcsstream: error: "), stderr
     return last.removeprefix("gcsstream: error: ")
 
@@ -148,10 +148,13 @@ def test_stat_prints_one_line_and_the_whole_resource_with_json(server, env):
 def test_stat_of_a_missing_object_says_whether_the_bucket_is_missing(server, env):
     r = sh(f"gcsstream stat gs://{BUCKET}/nope", env)
     assert r.returncode == 5 and r.stdout == ""
-    assert r.stderr == f"gcsstream: error: object gs://{BUCKET}/nope not found (the bucket exists)\n"
+    assert (
+        unstamped(r.stderr)
+        == f"gcsstream: error: object gs://{BUCKET}/nope not found (the bucket gs://{BUCKET} exists)\n"
+    )
     r = sh("gcsstream stat gs://no-such-bucket/nope", env)
     assert r.returncode == 5
-    assert r.stderr == "gcsstream: error: bucket gs://no-such-bucket not found\n"
+    assert unstamped(r.stderr) == "gcsstream: error: bucket gs://no-such-bucket not found\n"
 
 
 def test_status_of_an_upload_that_finished_here_names_the_object(server, env, tmp_path):
@@ -324,12 +327,15 @@ def test_a_wrong_checksum_or_chunk_size_is_one_plain_sentence(env, tmp_path):
     (tmp_path / "f").write_bytes(b"x")
     r = sh(f"gcsstream put --checksum sha256 {tmp_path}/f gs://{BUCKET}/o", env)
     assert r.returncode == 2
-    assert r.stderr == "gcsstream: error: the checksum must be crc32c, md5, both or none, not 'sha256'\n"
+    assert (
+        unstamped(r.stderr)
+        == "gcsstream: error: the checksum must be crc32c, md5, both or none, not 'sha256'\n"
+    )
     r = sh(f"gcsstream cat --checksum sha256 gs://{BUCKET}/o > /dev/null", env)
     assert r.returncode == 2 and "the checksum must be crc32c, md5, both or none" in r.stderr
     r = sh(f"gcsstream put --chunk-size 1MB {tmp_path}/f gs://{BUCKET}/o", env)
     assert r.returncode == 2
-    assert r.stderr == (
+    assert unstamped(r.stderr) == (
         "gcsstream: error: chunk size 1000000 is not a positive multiple of 256 KiB (262144 bytes); "
         "try 768KiB or 1MiB\n"
     )

@@ -28,7 +28,7 @@ from tests.cli.test_resume import (  # noqa: F401 - fixtures
     server,
     spawn,
 )
-from tests.conftest import assert_stored
+from tests.conftest import assert_stored, unstamped
 from tests.gcs_test_server import GcsTestServer
 
 NOBODY = 65534
@@ -150,7 +150,7 @@ def test_a_journal_planted_by_another_user_is_ignored(server, env, tmp_path, sta
         os.chown(planted, NOBODY, NOBODY)
         code, _, err = finish(gcs(f"put --chunk-size {CHUNK} {src} gs://{BUCKET}/victim", env))
         assert code == 0, err
-        warnings = [line for line in err.splitlines() if line.startswith("gcsstream: warning:")]
+        warnings = [line for line in unstamped(err).splitlines() if line.startswith("gcsstream: warning:")]
         assert warnings == [
             f"gcsstream: warning: the journal {planted} is not used: it belongs to uid {NOBODY}, not to you"
         ]
@@ -203,7 +203,7 @@ def test_damaged_or_hostile_journal_files_are_skipped_one_warning_each(server, e
     assert good["id"] in r.stdout and "00000013" in r.stdout
     assert "\x1b" not in r.stdout and "\\x1b[31mred" in r.stdout
     assert len(r.stdout.splitlines()) == 3  # the header and the two valid entries
-    warnings = r.stderr.splitlines()
+    warnings = unstamped(r.stderr).splitlines()
     assert len(warnings) == len(bad), r.stderr
     for path in bad.values():
         assert sum(f"the journal {path} is not used" in w for w in warnings) == 1, (path, r.stderr)
