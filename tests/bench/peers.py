@@ -58,6 +58,7 @@ class Peer:
     verifies: str  # what it checks by default
     needs: str  # module to import (or command on PATH) for it to run
     file_mode: bool = True
+    holds_pipe: bool = False  # reads a whole pipe into memory before sending
 
 
 PEERS = [
@@ -105,6 +106,7 @@ PEERS = [
         "re-sends it all",
         "nothing",
         "gcloud.aio.storage",
+        holds_pipe=True,
     ),
     Peer(
         "answer_256k",
@@ -598,6 +600,98 @@ def summarize(runs: list[Run]) -> list[Row]:
     return rows
 
 
+STARTUP = {
+    "gcsstream --version": (["--version"], {}),
+    "gcsstream put --help": (["put", "--help"], {}),
+    "completion of gcsstream put --no-cl": (
+        [],
+        {"_GCSSTREAM_COMPLETE": "complete_bash", "COMP_WORDS": "gcsstream put --no-cl", "COMP_CWORD": "2"},
+    ),
+}
+
+
+def measure_startup(runs: int) -> dict[str, list[float]]:
+    """Wall times of gcsstream's start-up commands, interleaved run by run."""
+    exe = _command("gcsstream")
+    out: dict[str, list[float]] = {}
+    if not exe:
+        return out
+    for _ in range(runs):
+        for label, (argv, extra) in STARTUP.items():
+            started = time.perf_counter()
+            subprocess.run(
+                [exe, *argv],
+                env={**os.environ, **extra},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=True,
+            )
+            out.setdefault(label, []).append(time.perf_counter() - started)
+    return out
+
+
+RSS_BUDGET_MIB = 2 * CHUNK / (1 << 20) + 40
+
+
+def targets(rows: list[Row], startup: dict[str, list[float]]) -> list[tuple[str, str, bool]]:
+    """The issue's targets, each as (target, what this run measured, met)."""
+    out: list[tuple[str, str, bool]] = []
+    ours = [r for r in rows if r.peer == "gcsstream" and r.runs]
+    for r in ours:
+        same = {x.peer: x for x in rows if x.mode == r.mode and x.size == r.size and x.runs}
+        floor, blob = same.get(FLOOR), same.get(BLOB_OPEN)
+        where = f"{MODE_TEXT[r.mode]}, {human(r.size)}"
+        limits: list[tuple[str, float, Row | None, str]] = []
+        if r.mode == "file":
+            limits = [("wall", 0.95, floor, "floor"), ("CPU", 1.1, floor, "floor")]
+            limits += [("wall", 0.5, blob, "Blob.open"), ("CPU", 0.45, blob, "Blob.open")]
+        elif r.mode == "pipe":
+            limits = [("wall", 1.0, floor, "floor"), ("wall", 0.55, blob, "Blob.open")]
+        for what, limit, other, name in limits:
+            if other is None:
+                continue
+            mine, theirs = (r.wall, other.wall) if what == "wall" else (r.cpu, other.cpu)
+            out.append(
+                (f"{where}: {what} ≤ {limit:g}× {name}", f"{mine / theirs:.2f}×", mine <= limit * theirs)
+            )
+        out.append(
+            (
+                f"{where}: peak RSS ≤ {RSS_BUDGET_MIB:.0f} MiB",
+                f"{r.rss_mib:.0f} MiB",
+                r.rss_mib <= RSS_BUDGET_MIB,
+            )
+        )
+        rivals = [x for x in same.values() if x.peer != r.peer]
+        if rivals:
+            best = min(rivals, key=lambda x: x.wall)
+            out.append(
+                (
+                    f"{where}: faster than every peer",
+                    f"{r.wall:.2f} s; best peer {BY_NAME[best.peer].label} {best.wall:.2f} s",
+                    r.wall < best.wall,
+                )
+            )
+    by_mode: dict[str, list[Row]] = {}
+    for r in ours:
+        if r.mode != "link":
+            by_mode.setdefault(r.mode, []).append(r)
+    for mode, group in by_mode.items():
+        if len(group) > 1:
+            low, high = min(x.rss_mib for x in group), max(x.rss_mib for x in group)
+            sizes = ", ".join(human(x.size) for x in group)
+            out.append(
+                (
+                    f"{MODE_TEXT[mode]}: peak RSS within 10% across {sizes}",
+                    f"{high / low - 1:+.0%}",
+                    high <= 1.1 * low,
+                )
+            )
+    for label, times in startup.items():
+        med = statistics.median(times)
+        out.append((f"{label}: median ≤ 0.12 s", f"{med:.3f} s", med <= 0.12))
+    return out
+
+
 MODE_TEXT = {"file": "file", "pipe": "pipe (`cat f \\|`)", "link": "pipe, through the link"}
 
 
@@ -630,8 +724,8 @@ def markdown(rows: list[Row], info: dict, args: argparse.Namespace, skipped: dic
     if args.link:
         lines.append(
             f"Link rows: through tests/bench/latency_proxy.py, {args.rtt_ms:g} ms round trip and "
-            f"{args.rate} per connection and direction, at {args.link_size} (smaller than the "
-            "loopback rows to keep the run short)."
+            f"{args.rate}/s per connection and direction, at {human(parse_size(args.link_size))} "
+            "(smaller than the loopback rows to keep the run short)."
         )
     lines += [
         "",
@@ -657,12 +751,27 @@ def markdown(rows: list[Row], info: dict, args: argparse.Namespace, skipped: dic
             f"{_ratio(r.wall, blob.wall if blob else None)} | "
             f"{_ratio(r.cpu, blob.cpu if blob else None)} | {r.server_cpu:.2f} | {runs} |"
         )
+    startup = info.get("startup", {})
+    if startup:
+        lines += ["", f"Start-up, wall, medians of {len(next(iter(startup.values())))} runs:", ""]
+        lines += ["| command | median s | min s | max s |", "|---|---:|---:|---:|"]
+        for label, times in startup.items():
+            lines.append(
+                f"| {label} | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |"
+            )
+    checks = targets(rows, startup)
+    if checks:
+        met = sum(ok for _, _, ok in checks)
+        lines += ["", f"Targets (issue 11), gcsstream: {met} of {len(checks)} met in this run.", ""]
+        lines += ["| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in checks]
     lines += ["", "| tool | what it does with a stream | verifies by default |", "|---|---|---|"]
     for p in PEERS:
         why = f" *(not run: {skipped[p.name]})*" if p.name in skipped else ""
         lines.append(f"| {p.label}{why} | {p.stream} | {p.verifies} |")
     vs = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     lines += ["", f"Versions: {vs}.", ""]
+    lines += [f"- {note}" for note in info.get("notes", [])]
     failures = [r for r in rows if r.failed]
     for r in failures:
         lines.append(f"- {BY_NAME[r.peer].label}, {r.mode}, {human(r.size)}: {r.failed} failed: {r.error}")
@@ -687,14 +796,16 @@ def chart(rows: list[Row], info: dict, path: Path) -> None:
         ys = [i + gi * height for i in range(len(peers))]
         mbps = [got[p.name].mbps if p.name in got else 0 for p in peers]
         cpu_gib = [got[p.name].cpu / (size / (1 << 30)) if p.name in got else 0 for p in peers]
-        label = f"{MODE_TEXT[mode].replace(chr(92), '')}, {human(size)}"
+        label = (
+            f"{MODE_TEXT[mode].translate({92: None, 96: None})}, {human(size)}"  # no backslash, no backquote
+        )
         axes[0].barh(ys, mbps, height, label=label, color=colors(gi))
         axes[1].barh(ys, cpu_gib, height, label=label, color=colors(gi))
     axes[0].set_yticks([i + height * (len(groups) - 1) / 2 for i in range(len(peers))])
     axes[0].set_yticklabels([p.label for p in peers])
     axes[0].invert_yaxis()
     axes[0].set_xlabel("throughput, MB/s (higher is better)")
-    axes[1].set_xlabel("CPU seconds per GiB, user + sys (lower is better)")
+    axes[1].set_xlabel("CPU seconds per GiB, user + sys, start-up included (lower is better)")
     axes[0].legend(fontsize=8, loc="lower right")
     m = info["machine"]
     fig.suptitle(
@@ -721,6 +832,8 @@ def bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {"machine": machine(), "versions": versions(), "load_before": _load()}
+    info["startup"] = measure_startup(args.startup_runs)
+    info["notes"] = []
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="gcsstream-peers-", dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
@@ -742,6 +855,17 @@ def bench(args: argparse.Namespace) -> int:
                         for peer in order:
                             if mode == "file" and not BY_NAME[peer].file_mode:
                                 continue
+                            if (
+                                mode != "file"
+                                and BY_NAME[peer].holds_pipe
+                                and 2.5 * size > _available_memory()
+                            ):
+                                note = f"{BY_NAME[peer].label}, {mode}, {human(size)}: not run, it would "
+                                note += "hold the whole input in memory and this machine has too little free"
+                                if note not in info["notes"]:
+                                    info["notes"].append(note)
+                                    print(note, flush=True)
+                                continue
                             r = run_once(peer, mode, source, size, crc, sink, i, args.timeout)
                             runs.append(r)
                             state = "ok" if r.ok else f"FAILED {r.error}"
@@ -761,14 +885,31 @@ def bench(args: argparse.Namespace) -> int:
                     p.kill()
                     p.wait()
     info["load_after"] = _load()
+    saved = {"info": info, "args": vars(args), "skipped": skipped, "runs": [asdict(r) for r in runs]}
+    (out / "peers.json").write_text(json.dumps(saved, indent=1) + "\n")
+    render(out, runs, info, args, skipped)
+    return 0 if all(r.ok for r in runs) else 1
+
+
+def render(out: Path, runs: list[Run], info: dict, args: argparse.Namespace, skipped: dict[str, str]) -> None:
     rows = summarize(runs)
-    (out / "peers.json").write_text(
-        json.dumps({"info": info, "args": vars(args), "runs": [asdict(r) for r in runs]}, indent=1) + "\n"
-    )
     (out / "peers.md").write_text(markdown(rows, info, args, skipped))
     chart(rows, info, out / "peers.png")
     print((out / "peers.md").read_text())
-    return 0 if all(r.ok for r in runs) else 1
+
+
+def rerender(path: Path, out: Path, note: str) -> int:
+    """Write the table and chart again from a saved peers.json (e.g. after changing their layout)."""
+    saved = json.loads(path.read_text())
+    args = argparse.Namespace(**saved["args"])
+    if note:
+        args.note = note
+    runs = [Run(**r) for r in saved["runs"]]
+    info = saved["info"]
+    info.setdefault("load_after", "?")
+    out.mkdir(parents=True, exist_ok=True)
+    render(out, runs, info, args, saved.get("skipped", {}))
+    return 0
 
 
 def _by_size(plan: list[tuple[int, str]]) -> list[tuple[int, list[str]]]:
@@ -790,6 +931,14 @@ def _link(sink: Sink, args: argparse.Namespace) -> str:
     return sink.link
 
 
+def _available_memory() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -808,6 +957,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-md5", action="store_true", help="the sink also computes md5Hash")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before one upload is killed")
     p.add_argument("--tmp", default=None, help="directory for the input file (default: $TMPDIR)")
+    p.add_argument("--startup-runs", type=int, default=11, help="runs of each start-up command (0: none)")
+    p.add_argument("--render", metavar="JSON", help="only write the table and chart again from a peers.json")
     p.add_argument("--note", default="", help="a sentence for the table's header (e.g. the machine's load)")
     # driver mode (one upload, run by the harness as a subprocess)
     p.add_argument("--peer", choices=sorted(DRIVERS), help=argparse.SUPPRESS)
@@ -819,6 +970,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.peer:
         return drive(args)
+    if args.render:
+        return rerender(Path(args.render), Path(args.out), args.note)
     return bench(args)
 
 
