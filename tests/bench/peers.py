@@ -18,8 +18,18 @@ single-stream throughput a real link would allow.
 Writes DIR/peers.md (the table), DIR/peers.png (the chart) and DIR/peers.json (every run).
 
 The Python peers run through this module's driver mode (``--peer NAME``), written the way their
-documentation or the usual answer uses them; ``PEERS`` below says what each does with a stream and
-what it verifies by default.
+documentation or the usual answer uses them (``shutil.copyfileobj`` from the input into the
+library's writer); ``PEERS`` below says what each does with a stream and what it verifies by
+default.  Where a peer needed a setting to work against a local endpoint it is in its driver:
+gcsfs gets ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` (else it first spends 60 s asking a gRPC
+API for the bucket's layout), gcloud-aio-storage a one-hour timeout (its default, 30 s, is for
+the whole upload).  rclone is configured by environment variables only (``RCLONE_CONFIG_X_*``,
+anonymous, the endpoint), its file rows read the file as rcat's standard input.  gcsstream keeps
+its journal in a temporary directory (``GCSSTREAM_STATE_DIR``), on the same disk as the input.
+The 4 GiB rows of a peer that holds a whole pipe in memory (gcloud-aio-storage) are skipped when
+the machine has less than 2.5 times the input free.
+
+``--render peers.json`` writes the table and chart again from a saved run.
 """
 
 from __future__ import annotations
@@ -95,7 +105,7 @@ PEERS = [
         "rclone rcat",
         "Go client media upload, 16 MiB chunks (googleapi default); stdin streamed",
         "md5 of the stream against the object's md5Hash, only if the service returns one "
-        "(this sink runs without MD5, so nothing here); size",
+        "(the sink gives one only with --server-md5); size",
         "rclone",
     ),
     Peer(
@@ -715,8 +725,10 @@ def markdown(rows: list[Row], info: dict, args: argparse.Namespace, skipped: dic
         + (f" --link --link-size {args.link_size}" if args.link else "")
         + "`: medians of "
         f"{args.runs} runs, the tools' order alternating run by run; 16 MiB chunks wherever the tool "
-        "has a chunk size; the sink is tests/gcs_test_server.py as a process with `--discard --no-md5` "
-        "(CRC32C of each body, no bytes kept); every upload checked (size and crc32c from the server). "
+        "has a chunk size; the sink is tests/gcs_test_server.py as a process with `--discard"
+        + ("`, MD5 on" if getattr(args, "server_md5", False) else " --no-md5`")
+        + " (it hashes each body and keeps no bytes); every upload checked (size and crc32c from the "
+        "server). "
         "Wall: from the tool's start (interpreter start-up and imports included) to its exit. CPU: user + "
         "sys of the tool's process (wait4; not `cat`'s, not the server's). Peak RSS: its ru_maxrss. "
         'Ratios are against the floor client and `Blob.open("wb")` of the same input and size.',
