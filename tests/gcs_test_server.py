@@ -31,7 +31,11 @@ records and never printed.
 Run as a process::
 
     python -m tests.gcs_test_server --port 0 --data-dir DIR [--bucket NAME ...] \\
-        [--seed S --fault-rate R [--fault-kinds status,reset,partial]] [--verbose]
+        [--seed S --fault-rate R [--fault-kinds status,reset,partial]] [--discard] [--verbose]
+
+``--discard`` (``discard=True``) hashes upload bodies and throws them away: objects keep their
+size, crc32c and md5Hash but no bytes (reading them answers 501), so that a benchmark's sink costs
+no disk and stays off the client's critical path.
 
 It prints exactly one line ``READY http://127.0.0.1:PORT`` on stdout once it listens and exits
 cleanly on SIGTERM or SIGINT.
@@ -553,6 +557,8 @@ class _Session:
         self.writer = 0  # token of the request currently allowed to write
         self.tail: _Md5Tail | None = None
         self.created = time.time()
+        self.md5: Any = None  # discard mode: MD5 of the persisted bytes, kept inline
+        self.md5_pending: tuple[int, Any] | None = None  # discard mode: (offset, MD5) not yet committed
 
     def state(self) -> SessionState:
         return SessionState(
@@ -1227,6 +1233,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._drain()
         with self.gcs._lock:
             obj = self.gcs._lookup(bucket, name, self.query.get("generation"))
+            self.gcs._refuse_if_discarded(bucket, name)
             f = open(obj.path, "rb", buffering=0)  # noqa: SIM115 - closed below
         with f:
             self._check_read_preconditions(obj)
@@ -1332,6 +1339,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                             412, "At least one of the pre-conditions you specified did not hold."
                         )
                     components += int(obj.resource.get("componentCount", 1))
+                    self.gcs._refuse_if_discarded(bucket, s["name"])
                     files.append(open(obj.path, "rb", buffering=0))  # noqa: SIM115 - closed below
                 self.gcs._check_write_preconditions(bucket, dest, _preconditions(self.query))
             if components > _MAX_COMPONENTS:
@@ -1391,7 +1399,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         n = self.body.readinto(mv)
                         crc = _crc_update(crc, mv[:n])
                         md5.update(mv[:n])
-                        out.write(mv[:n])
+                        if not self.gcs.discard:
+                            out.write(mv[:n])
                         size += n
                         if n < len(mv):
                             break
@@ -1617,6 +1626,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             p0, crc = sess.persisted, sess.crc
             sess.writer += 1
             token = sess.writer
+            h = sess.md5.copy() if sess.md5 is not None else None
+        discard = self.gcs.discard
         if first > p0:
             raise _HttpError(
                 400, f"Invalid request. The chunk starts at {first} but only {p0} bytes are persisted."
@@ -1663,7 +1674,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             while left > 0 and not (body.broken or body.ended or reset_hit):
                 left -= read(mv[: min(len(mv), left)])
             if left == 0:
-                fd = os.open(sess.path, os.O_WRONLY)
+                fd = os.open(sess.path, os.O_WRONLY) if not discard else -1
                 try:
                     left = new_len
                     while left > 0:
@@ -1679,17 +1690,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                     superseded = True
                                     break
                                 off = p0 + kept
-                                while piece:
+                                while piece and not discard:
                                     w = os.pwrite(fd, piece, off)
                                     piece, off = piece[w:], off + w
                             crc = _crc_update(crc, mv[:usable])
+                            if h is not None:
+                                h.update(mv[:usable])
                             kept += usable
                         if n < want:
                             break
                 finally:
-                    os.close(fd)
+                    if not discard:
+                        os.close(fd)
         finally:
             self.gcs._busy_add(-1)
+        if h is not None:
+            with sess.lock:
+                if sess.writer == token:
+                    sess.md5_pending = (p0 + kept, h)
         if not superseded and not reset_hit and left == 0:
             if body.chunked and not body.ended and not body.broken and body.readinto(mv[:1]):
                 self._drain()
@@ -1770,6 +1788,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if kept:
                 sess.persisted = p0 + kept
                 sess.crc = crc
+                if sess.md5_pending is not None and sess.md5_pending[0] == sess.persisted:
+                    sess.md5 = sess.md5_pending[1]
                 if sess.tail is not None:
                     sess.tail.advance(sess.persisted)
             self.rec.persisted = sess.persisted
@@ -1786,6 +1806,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         md5_cache: list = []
 
         def md5_upto_size():
+            if sess.md5 is not None:  # discard mode: there is no file to hash
+                pending = sess.md5_pending
+                return (pending[1] if pending and pending[0] == size else sess.md5).copy()
             if not md5_cache:
                 h, done = sess.tail.take() if sess.tail is not None else (hashlib.md5(), 0)
                 _hash_file(sess.path, done, size, h)
@@ -1796,8 +1819,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         md5 = None
         if self.gcs.md5:
             md5 = md5_upto_size().digest()
-        with open(sess.path, "r+b") as f:
-            f.truncate(size)
+        if not self.gcs.discard:
+            with open(sess.path, "r+b") as f:
+                f.truncate(size)
         res = self.gcs._store_object(
             sess.bucket, sess.name, sess.path, sess.meta, size, crc, md5, sess.preconditions
         )
@@ -1952,7 +1976,8 @@ class GcsTestServer:
 
     ``data_dir``: where session and object files live (default: a temporary directory removed on
     stop).  ``md5=False`` skips MD5 (resources then have no md5Hash, like composite objects;
-    X-Goog-Hash md5 is still verified), for benchmarks of the client alone.
+    X-Goog-Hash md5 is still verified), for benchmarks of the client alone.  ``discard=True``
+    keeps no uploaded bytes, only their size, crc32c and md5Hash (see the module's docstring).
     """
 
     def __init__(
@@ -1965,6 +1990,7 @@ class GcsTestServer:
         buckets: Iterable[str] = (),
         md5: bool = True,
         verbose: bool = False,
+        discard: bool = False,
     ) -> None:
         self._own_dir = data_dir is None
         self.data_dir = (
@@ -1975,6 +2001,7 @@ class GcsTestServer:
         self._port = port
         self.md5 = md5
         self.verbose = verbose
+        self.discard = discard
         self._lock = threading.RLock()
         self._buckets: dict[str, dict] = {}
         self._objects: dict[str, dict[str, _Object]] = {}
@@ -2113,11 +2140,14 @@ class GcsTestServer:
             return json.loads(json.dumps(obj.resource)) if obj else None
 
     def read_object(self, bucket: str, name: str) -> bytes:
-        """The object's bytes (small objects only); KeyError if it does not exist."""
+        """The object's bytes (small objects only); KeyError if it does not exist, ValueError if
+        the server discards bytes."""
         with self._lock:
             obj = self._objects.get(bucket, {}).get(name)
             if obj is None:
                 raise KeyError(f"{bucket}/{name}")
+            if self.discard:
+                raise ValueError(f"the test server runs with discard=True: {bucket}/{name} has no bytes")
             f = open(obj.path, "rb")  # noqa: SIM115 - opened under the lock, read outside it
         with f:
             return f.read()
@@ -2274,7 +2304,9 @@ class GcsTestServer:
         path = self.data_dir / "sessions" / secrets.token_hex(12)
         path.touch()
         sess = _Session(uid, bucket, name, meta, path)
-        if self.md5:
+        if self.md5 and self.discard:
+            sess.md5 = hashlib.md5()
+        elif self.md5:
             sess.tail = _Md5Tail(path, self)
         with self._lock:
             self._sessions[uid] = sess
@@ -2358,6 +2390,12 @@ class GcsTestServer:
             self._objects[bucket][name] = _Object(path, res)
             return json.loads(json.dumps(res))
 
+    def _refuse_if_discarded(self, bucket: str, name: str) -> None:
+        if self.discard:
+            raise _HttpError(
+                501, f"the test server runs with --discard: the bytes of {bucket}/{name} were not kept"
+            )
+
     def _remove_object(self, bucket: str, name: str) -> None:
         obj = self._objects[bucket].pop(name)
         obj.path.unlink(missing_ok=True)
@@ -2379,6 +2417,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fault-kinds", default=",".join(FaultPlan.DEFAULT_RANDOM_KINDS))
     p.add_argument("--no-md5", action="store_true", help="do not compute md5Hash")
+    p.add_argument("--discard", action="store_true", help="hash upload bodies and keep no bytes")
     p.add_argument("--verbose", action="store_true", help="one line per request on stderr (ids redacted)")
     args = p.parse_args(argv)
 
@@ -2400,6 +2439,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         md5=not args.no_md5,
         verbose=args.verbose,
+        discard=args.discard,
     )
     srv.start()
     try:

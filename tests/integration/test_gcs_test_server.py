@@ -755,3 +755,39 @@ def test_cli_sigint_with_random_faults(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# discard mode (the benchmarks' sink)
+
+
+def test_discard_mode_keeps_size_and_hashes_but_no_bytes(tmp_path, gcsstream_exe):
+    data = os.urandom(3 * Q + 12345)  # four requests at --chunk-size 256KiB
+    source = tmp_path / "src.bin"
+    source.write_bytes(data)
+    with GcsTestServer(data_dir=tmp_path / "data", buckets=[BUCKET], discard=True) as srv:
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": srv.url}
+        r = subprocess.run(
+            [gcsstream_exe, "put", "--chunk-size", "256KiB", "-q", str(source), f"gs://{BUCKET}/d"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert [q.kind for q in srv.requests if q.kind in ("chunk", "final")] == ["chunk"] * 3 + ["final"]
+        with requests.get(f"{srv.url}/storage/v1/b/{BUCKET}/o/d", timeout=5) as meta:
+            resource = meta.json()
+        assert int(resource["size"]) == len(data)
+        assert resource["crc32c"] == crc_b64(data)
+        assert resource["md5Hash"] == md5_b64(data)
+        stored = sum(p.stat().st_size for p in (tmp_path / "data").rglob("*") if p.is_file())
+        assert stored == 0  # nothing of the body reached the disk
+        with requests.get(media_url(srv, "d"), timeout=5) as got:
+            assert got.status_code == 501
+            assert "--discard" in got.json()["error"]["message"]
+        with pytest.raises(ValueError, match="discard"):
+            srv.read_object(BUCKET, "d")
+        r = subprocess.run(
+            [gcsstream_exe, "cat", f"gs://{BUCKET}/d"], env=env, capture_output=True, timeout=60
+        )
+        assert r.returncode != 0 and r.stdout == b""
