@@ -97,7 +97,7 @@ def test_readme_has_install_commands_for_each_shell():
 BASH_COMPLETES = (
     'COMP_WORDS=(gcsstream resume ""); COMP_CWORD=2; _gcsstream_completion gcsstream; '
     'echo "${COMPREPLY[@]}"; '
-    'COMP_WORDS=(gcsstream st); COMP_CWORD=1; _gcsstream_completion gcsstream; echo "${COMPREPLY[@]}"'
+    'COMP_WORDS=(gcsstream ab); COMP_CWORD=1; _gcsstream_completion gcsstream; echo "${COMPREPLY[@]}"'
 )
 
 
@@ -106,7 +106,7 @@ def test_readme_bash_install_works_without_bash_completion(clean_home):
     env, home, upload = clean_home
     shell(["bash", "-c", readme_install_commands()["bash"]], env, home)
     out = shell(["bash", "-i", "-c", BASH_COMPLETES], env, home).splitlines()
-    assert out[-2:] == [upload, "status"], out
+    assert out[-2:] == [upload, "abort"], out
 
 
 BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")
@@ -118,11 +118,11 @@ def test_readme_bash_install_works_with_bash_completion(clean_home):
     (home / ".bashrc").write_text(f". {BASH_COMPLETION}\n")  # as Debian's /etc/skel/.bashrc does
     shell(["bash", "-c", readme_install_commands()["bash"]], env, home)
     out = shell(["bash", "-i", "-c", BASH_COMPLETES], env, home).splitlines()
-    assert out[-2:] == [upload, "status"], out
+    assert out[-2:] == [upload, "abort"], out
     # bash-completion alone (no ~/.bashrc line) finds the file on demand.
     probe = f". {BASH_COMPLETION}; __load_completion gcsstream && {BASH_COMPLETES}"
     out = shell(["bash", "--norc", "-c", probe], env, home).splitlines()
-    assert out[-2:] == [upload, "status"], out
+    assert out[-2:] == [upload, "abort"], out
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
