@@ -13,14 +13,12 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from typer.exceptions import TyperException
 
 from gcsstream import __version__
-from gcsstream.download import Downloader, parse_range
-from gcsstream.engine import Resume, Uploader, UploadResult
 from gcsstream.errors import (
     Busy,
     GcsstreamError,
@@ -54,9 +52,11 @@ from gcsstream.options import (
 )
 from gcsstream.progress import ProgressState, display, format_download_summary, format_summary, human_bytes
 from gcsstream.redact import RedactingFilter, redact
-from gcsstream.session import resource_int
 from gcsstream.sources import ChunkSource, FileSource, GzipSource, ProducerSource, StreamSource
-from gcsstream.transport import Transport
+
+if TYPE_CHECKING:  # the engine, download and transport load requests and google-auth: only on use
+    from gcsstream.engine import UploadResult
+    from gcsstream.transport import Transport
 
 T = TypeVar("T")
 
@@ -296,6 +296,9 @@ def put(
     matched against its checksums; otherwise nothing is created and the exit code says why. An
     interrupted upload can be continued with `gcsstream resume ID` (the command is printed).
     """
+    from gcsstream.engine import Resume, Uploader
+    from gcsstream.transport import Transport
+
     if debug:
         _log_http()
     if exec_command is not None:
@@ -430,6 +433,9 @@ def resume(
     journal's CRC32C before anything is sent: a different, modified or shorter input is refused
     (exit 3) and the session is left as it was. Nothing the service holds is sent twice.
     """
+    from gcsstream.engine import Resume, Uploader
+    from gcsstream.transport import Transport
+
     if debug:
         _log_http()
     journal = _journal()
@@ -532,6 +538,9 @@ def cat(
     pinned to the generation it started with. If the bytes do not match the object's checksum,
     the last line says so and the exit code is 3.
     """
+    from gcsstream.download import Downloader, parse_range
+    from gcsstream.transport import Transport
+
     if debug:
         _log_http()
     source = parse_gs_url(url)
@@ -625,6 +634,9 @@ def status(
     debug: DebugOpt = False,
 ) -> None:
     """Ask the service how many bytes an upload holds, or which object it created."""
+    from gcsstream.engine import Uploader
+    from gcsstream.session import resource_int
+
     if debug:
         _log_http()
     journal = _journal()
@@ -661,6 +673,8 @@ def abort(
     debug: DebugOpt = False,
 ) -> None:
     """Cancel an unfinished upload on the service and forget its journal."""
+    from gcsstream.engine import Uploader
+
     if debug:
         _log_http()
     journal = _journal()
@@ -762,6 +776,8 @@ def _transport_for(
 ) -> Transport:
     """A transport for a session's requests. Given by its URI (``by_uri``), a session needs no
     Google credentials unless --credentials names some: the URI is its own credential."""
+    from gcsstream.transport import Transport
+
     endpoint = entry.endpoint if entry else _origin(session_uri)
     return Transport.connect(
         endpoint, credentials_file=credentials, anonymous=(entry is None or by_uri) and credentials is None
@@ -770,6 +786,8 @@ def _transport_for(
 
 def _probe(entry: JournalEntry, credentials: str | None) -> str:
     """'held', 'finished' or 'gone' for a journal entry, asking the service."""
+    from gcsstream.engine import Uploader
+
     if entry.expired:
         return "gone"
     try:

@@ -17,17 +17,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
-
-from gcsstream.download import DownloadResult
-from gcsstream.engine import UploadResult
 from gcsstream.events import ChunkPersisted, ChunkSending, Event, Retrying, UploadFinished, UploadStarted
+
+if TYPE_CHECKING:  # rich loads only when a live bar is drawn: --help and --version stay instant
+    from rich.console import Group
+
+    from gcsstream.download import DownloadResult
+    from gcsstream.engine import UploadResult
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _RATE_WINDOW = 5.0  # seconds of history behind the displayed rate
@@ -141,6 +139,11 @@ class _Display:
         self.verb = verb
 
     def __rich__(self) -> Group:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
         persisted, sent, size, rate, elapsed, note = self.state.snapshot()
         row = Table.grid(padding=(0, 1))
         bar = ProgressBar(total=size if size else None, completed=persisted, width=30)
@@ -161,6 +164,9 @@ class _Display:
 
 @contextlib.contextmanager
 def _rich_display(state: ProgressState, stream: TextIO, verb: str) -> Iterator[None]:
+    from rich.console import Console
+    from rich.live import Live
+
     console = Console(file=stream, force_terminal=True)
     with Live(_Display(state, verb), console=console, refresh_per_second=10, transient=True):
         yield
