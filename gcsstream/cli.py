@@ -32,14 +32,6 @@ from gcsstream.errors import (
     TransientError,
     UsageError,
 )
-from gcsstream.journal import (
-    Journal,
-    JournalEntry,
-    JournalRecorder,
-    UploadSettings,
-    resume_conflicts,
-    source_identity,
-)
 from gcsstream.options import (
     DEFAULT_RETRY_DEADLINE,
     ObjectMetadata,
@@ -52,10 +44,11 @@ from gcsstream.options import (
 )
 from gcsstream.progress import ProgressState, display, format_download_summary, format_summary, human_bytes
 from gcsstream.redact import RedactingFilter, redact
-from gcsstream.sources import ChunkSource, FileSource, GzipSource, ProducerSource, StreamSource
 
 if TYPE_CHECKING:  # the engine, download and transport load requests and google-auth: only on use
     from gcsstream.engine import UploadResult
+    from gcsstream.journal import Journal, JournalEntry, JournalRecorder
+    from gcsstream.sources import ChunkSource
     from gcsstream.transport import Transport
 
 T = TypeVar("T")
@@ -297,6 +290,8 @@ def put(
     interrupted upload can be continued with `gcsstream resume ID` (the command is printed).
     """
     from gcsstream.engine import Resume, Uploader
+    from gcsstream.journal import JournalRecorder, UploadSettings, source_identity
+    from gcsstream.sources import GzipSource, ProducerSource
     from gcsstream.transport import Transport
 
     if debug:
@@ -434,6 +429,8 @@ def resume(
     (exit 3) and the session is left as it was. Nothing the service holds is sent twice.
     """
     from gcsstream.engine import Resume, Uploader
+    from gcsstream.journal import JournalRecorder, resume_conflicts
+    from gcsstream.sources import GzipSource
     from gcsstream.transport import Transport
 
     if debug:
@@ -697,6 +694,8 @@ def abort(
 
 def _journal() -> Journal:
     """The state directory's journal; each damaged or foreign file in it is named once on stderr."""
+    from gcsstream.journal import Journal
+
     return Journal(warn=lambda message: print(f"gcsstream: warning: {_printable(message)}", file=sys.stderr))
 
 
@@ -708,6 +707,8 @@ def _printable(text: str) -> str:
 
 
 def _open_source(src: str) -> ChunkSource:
+    from gcsstream.sources import FileSource, StreamSource
+
     if src != "-":
         return FileSource(src)
     if sys.stdin is None:  # fd 0 was closed when we started: refuse rather than upload nothing
@@ -722,6 +723,8 @@ def _open_source(src: str) -> ChunkSource:
 
 
 def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
+    from gcsstream.journal import source_identity
+
     identity = source_identity(source)
     recorded = entry.source
     if identity.get("size") != recorded.get("size") or identity.get("mtime_ns") != recorded.get("mtime_ns"):
