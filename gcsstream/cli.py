@@ -45,7 +45,7 @@ from gcsstream.options import (
 from gcsstream.progress import ProgressState, display, format_download_summary, format_summary, human_bytes
 from gcsstream.redact import RedactingFilter, redact
 
-if TYPE_CHECKING:  # the engine, download and transport load requests and google-auth: only on use
+if TYPE_CHECKING:  # each loads in the command that uses it: start-up (--help, completion) stays instant
     from gcsstream.engine import UploadResult
     from gcsstream.journal import Journal, JournalEntry, JournalRecorder
     from gcsstream.sources import ChunkSource
