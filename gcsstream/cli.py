@@ -11,15 +11,13 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from gcsstream import __version__
-from gcsstream.download import Downloader, parse_range
-from gcsstream.engine import Resume, Uploader, UploadResult
 from gcsstream.errors import (
     Busy,
     GcsstreamError,
@@ -32,14 +30,6 @@ from gcsstream.errors import (
     Terminated,
     TransientError,
     UsageError,
-)
-from gcsstream.journal import (
-    Journal,
-    JournalEntry,
-    JournalRecorder,
-    UploadSettings,
-    resume_conflicts,
-    source_identity,
 )
 from gcsstream.options import (
     CHECKSUM_MODES,
@@ -62,9 +52,12 @@ from gcsstream.progress import (
     say,
 )
 from gcsstream.redact import redact
-from gcsstream.session import resource_int
-from gcsstream.sources import ChunkSource, FileSource, GzipSource, ProducerSource, StreamSource
-from gcsstream.transport import Transport
+
+if TYPE_CHECKING:  # each loads in the command that uses it: start-up (--help, completion) stays instant
+    from gcsstream.engine import UploadResult
+    from gcsstream.journal import Journal, JournalEntry, JournalRecorder
+    from gcsstream.sources import ChunkSource
+    from gcsstream.transport import Transport
 
 T = TypeVar("T")
 
@@ -359,6 +352,11 @@ def put(
     matched against its checksums; otherwise nothing is created and the exit code says why. An
     interrupted upload can be continued with `gcsstream resume ID` (the command is printed).
     """
+    from gcsstream.engine import Resume, Uploader
+    from gcsstream.journal import JournalRecorder, UploadSettings, source_identity
+    from gcsstream.sources import GzipSource, ProducerSource
+    from gcsstream.transport import Transport
+
     if debug:
         _log_http()
     if exec_command is not None:
@@ -504,6 +502,11 @@ def resume(
     journal's CRC32C before anything is sent: a different, modified or shorter input is refused
     (exit 3) and the session is left as it was. Nothing the service holds is sent twice.
     """
+    from gcsstream.engine import Resume, Uploader
+    from gcsstream.journal import JournalRecorder, resume_conflicts
+    from gcsstream.sources import GzipSource
+    from gcsstream.transport import Transport
+
     if debug:
         _log_http()
     journal = _journal()
@@ -636,6 +639,9 @@ def cat(
     pinned to the generation it started with. If the bytes do not match the object's checksum,
     the last line says so and the exit code is 3.
     """
+    from gcsstream.download import Downloader, parse_range
+    from gcsstream.transport import Transport
+
     if debug:
         _log_http()
     source = parse_gs_url(url)
@@ -787,6 +793,9 @@ def status(
     debug: DebugOpt = False,
 ) -> None:
     """Ask the service how many bytes an upload holds, or which object it created."""
+    from gcsstream.engine import Uploader
+    from gcsstream.session import resource_int
+
     if debug:
         _log_http()
     journal = _journal()
@@ -828,6 +837,8 @@ def abort(
     debug: DebugOpt = False,
 ) -> None:
     """Cancel an unfinished upload on the service and forget its journal."""
+    from gcsstream.engine import Uploader
+
     if debug:
         _log_http()
     journal = _journal()
@@ -855,6 +866,8 @@ def abort(
 
 def _journal() -> Journal:
     """The state directory's journal; each damaged or foreign file in it is named once on stderr."""
+    from gcsstream.journal import Journal
+
     return Journal(warn=lambda message: say(f"warning: {_printable(message)}"))
 
 
@@ -866,6 +879,8 @@ def _printable(text: str) -> str:
 
 
 def _open_source(src: str) -> ChunkSource:
+    from gcsstream.sources import FileSource, StreamSource
+
     if src != "-":
         return FileSource(src)
     if sys.stdin is None:  # fd 0 was closed when we started: refuse rather than upload nothing
@@ -880,6 +895,8 @@ def _open_source(src: str) -> ChunkSource:
 
 
 def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
+    from gcsstream.journal import source_identity
+
     identity = source_identity(source)
     recorded = entry.source
     if identity.get("size") != recorded.get("size") or identity.get("mtime_ns") != recorded.get("mtime_ns"):
@@ -994,6 +1011,8 @@ def _stat_line(source: ObjectURL, resource: dict[str, Any]) -> str:
         value = resource.get(key)
         return _printable(str(value)) if value not in (None, "") else "-"
 
+    from gcsstream.session import resource_int
+
     size = resource_int(resource, "size")
     shown = f"{size} bytes ({human_bytes(size)})" if size is not None else "size unknown"
     return (
@@ -1028,6 +1047,8 @@ def _transport_for(
 ) -> Transport:
     """A transport for a session's requests. Given by its URI (``by_uri``), a session needs no
     Google credentials unless --credentials names some: the URI is its own credential."""
+    from gcsstream.transport import Transport
+
     endpoint = entry.endpoint if entry else _origin(session_uri)
     transport = Transport.connect(
         endpoint, credentials_file=credentials, anonymous=(entry is None or by_uri) and credentials is None
@@ -1060,6 +1081,8 @@ def _watch_for_emulator(transport: Transport, quiet: bool = False) -> None:
 
 def _probe(entry: JournalEntry, credentials: str | None) -> str:
     """'held', 'finished' or 'gone' for a journal entry, asking the service."""
+    from gcsstream.engine import Uploader
+
     if entry.expired:
         return "gone"
     try:
@@ -1229,6 +1252,8 @@ def _failure_summary(message: str, code: int, error: Exception | None) -> dict[s
         if error.pid:
             summary["driven_by"] = error.pid
         return summary
+    from gcsstream.journal import Journal
+
     with contextlib.suppress(GcsstreamError):
         entry = Journal(warn=lambda _: None).load(upload_id)
         summary["held"] = entry.persisted

@@ -1,0 +1,129 @@
+"""Start-up imports nothing heavy: ``--version``, ``--help`` and completion stay instant.
+
+Each case runs the installed ``gcsstream`` command (the console script users run) in a fresh
+process with Python's import profiler on (``PYTHONPROFILEIMPORTTIME``), which names on stderr
+every module imported during the whole run, including those imported inside functions. No timing
+is asserted: which modules load is what decides the time, and it does not vary with the load of
+the machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gcsstream
+
+#: What only a command that talks to the service, or draws a progress bar, needs.
+HEAVY = (
+    "requests",
+    "urllib3",
+    "google.auth",
+    "google.resumable_media",
+    "google.cloud",
+    "rich",
+    "cryptography",
+)
+
+COMPLETE_PUT = {"_GCSSTREAM_COMPLETE": "complete_bash", "COMP_WORDS": "gcsstream pu", "COMP_CWORD": "1"}
+
+#: (arguments, extra environment, text the run must print: it did what was asked).
+START_UPS = {
+    "version": (["--version"], {}, f"gcsstream {gcsstream.__version__}"),
+    "bare": ([], {}, "Usage: gcsstream"),
+    "help": (["--help"], {}, "Usage: gcsstream"),
+    "completion": ([], COMPLETE_PUT, "put"),
+    **{
+        f"{command} --help": ([command, "--help"], {}, f"Usage: gcsstream {command}")
+        for command in ("put", "resume", "cat", "sessions", "status", "abort")
+    },
+}
+
+
+def imported(argv: list[str], env: dict[str, str] | None = None) -> tuple[set[str], str]:
+    """The modules a fresh process imported while running ``argv``, and what it printed."""
+    run = subprocess.run(
+        argv,
+        env={**os.environ, **(env or {}), "PYTHONPROFILEIMPORTTIME": "1"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    modules, other = set(), []
+    for line in run.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "package":  # the header line
+                modules.add(name)
+        else:
+            other.append(line)
+    assert "gcsstream.errors" in modules, run.stderr[-2000:]  # the profile was on
+    return modules, run.stdout + "\n".join(other)
+
+
+def heavy_in(modules: set[str], heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in heavy))
+
+
+def test_importing_the_command_line_imports_nothing_heavy():
+    modules, _ = imported([sys.executable, "-c", "import gcsstream.cli"])
+    assert "gcsstream.cli" in modules
+    assert heavy_in(modules) == []
+
+
+@pytest.mark.parametrize("case", list(START_UPS))
+def test_start_up_imports_nothing_heavy(gcsstream_exe, case):
+    args, env, expected = START_UPS[case]
+    modules, output = imported([gcsstream_exe, *args], env)
+    assert expected in output
+    assert heavy_in(modules) == []
+
+
+@pytest.mark.parametrize("case", ["version", "put --help", "completion"])
+def test_start_up_imports_no_pydantic(gcsstream_exe, case):
+    """typer 0.29 validates each option through pydantic, whose import costs more than the rest of
+    start-up together: pyproject.toml keeps typer below it."""
+    args, env, expected = START_UPS[case]
+    modules, output = imported([gcsstream_exe, *args], env)
+    assert expected in output
+    assert heavy_in(modules, ("pydantic",)) == []
+
+
+def test_a_command_still_loads_what_it_needs(gcsstream_exe, tmp_path):
+    """The lazy imports happen: a usage error found after the transport is imported still maps to
+    exit 2, and the heavy modules are then loaded (the profile would see them)."""
+    modules, output = imported(
+        [gcsstream_exe, "cat", "gs://bkt/obj", "--range", "not-a-range"],
+    )
+    assert "gcsstream: error:" in output
+    assert "gcsstream.download" in modules and "requests" in modules
+
+
+def test_the_package_exports_load_on_first_use():
+    code = (
+        "import sys, gcsstream\n"
+        "assert 'gcsstream.transport' not in sys.modules and 'requests' not in sys.modules\n"
+        "from gcsstream import upload, open_upload, Uploader, Transport, UploadOptions\n"
+        "import gcsstream.api, gcsstream.engine, gcsstream.transport\n"
+        "assert upload is gcsstream.api.upload and Transport is gcsstream.transport.Transport\n"
+        "assert Uploader is gcsstream.engine.Uploader and gcsstream.aio.upload\n"
+        "missing = [n for n in gcsstream.__all__ if not hasattr(gcsstream, n)]\n"
+        "assert not missing, missing\n"
+        "assert set(gcsstream.__all__) <= set(dir(gcsstream))\n"
+        "ns = {}\n"
+        "exec('from gcsstream import *', ns)\n"
+        "assert set(gcsstream.__all__) <= set(ns)\n"
+        "try:\n"
+        "    gcsstream.no_such_name\n"
+        "except AttributeError as exc:\n"
+        "    assert 'no_such_name' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"
