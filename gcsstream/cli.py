@@ -453,15 +453,7 @@ def put(
                     source, destination, object_metadata, recorder=recorder, resume=resume
                 ),
             )
-    _remember_finished(recorder, result)
-    _report(
-        result,
-        json_output,
-        quiet,
-        " of the gzip-compressed bytes stored" if gzip else "",
-        state.resumed_at,
-        recorder,
-    )
+    _finished(result, recorder, state.resumed_at, json_output=json_output, quiet=quiet, gzip=gzip)
 
 
 @app.command(cls=_Command, epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
@@ -572,15 +564,7 @@ def resume(
                     resume=Resume(session_uri, verify=verify),
                 ),
             )
-    _remember_finished(recorder, result)
-    _report(
-        result,
-        json_output,
-        quiet,
-        " of the gzip-compressed bytes stored" if gzip else "",
-        state.resumed_at,
-        recorder,
-    )
+    _finished(result, recorder, state.resumed_at, json_output=json_output, quiet=quiet, gzip=gzip)
 
 
 @app.command(cls=_Command, epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
@@ -1154,6 +1138,21 @@ def _stopped(reason: str, recorder: JournalRecorder | None) -> str:
         else "the service had confirmed no byte yet"
     )
     return f"{reason}; {stored}; continue with: {again}"
+
+
+def _finished(
+    result: UploadResult,
+    recorder: JournalRecorder | None,
+    resumed_at: int,
+    *,
+    json_output: bool,
+    quiet: bool,
+    gzip: bool,
+) -> None:
+    """A completed put or resume: remember what it created, then say so."""
+    _remember_finished(recorder, result)
+    note = " of the gzip-compressed bytes stored" if gzip else ""
+    _report(result, json_output, quiet, note, resumed_at, recorder)
 
 
 def _report(

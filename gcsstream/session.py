@@ -1,7 +1,8 @@
 """The rules of a resumable session, on top of google-resumable-media's ``ResumableUpload``.
 
 ``ResumableUpload`` prepares each request and processes each response without doing I/O; this
-subclass adds what the real service needs and the base lacks (see shared PROTOCOL.md):
+subclass adds what the real service needs and the base lacks (the service's resumable-upload
+rules: https://cloud.google.com/storage/docs/performing-resumable-uploads):
 
 - a 308 without a Range header means nothing is persisted yet (the base calls it invalid);
 - after a 308 whose Range is short of what was sent, the stream is rewound to the persisted

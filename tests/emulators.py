@@ -10,8 +10,8 @@ Used by the pytest fixtures and by the README demo script::
         assert emu.read_object("bkt", "a/b.tar") == data
         assert emu.object_resource("bkt", "a/b.tar")["size"] == str(len(data))
 
-Both emulators keep every object in memory (see "Local emulators" in PROTOCOL.md for the
-ways they differ from the real service). Each server's stdout and stderr go to a log file
+Both emulators keep every object in memory (the README's "Emulators and the real service"
+lists the ways they differ from the real service). Each server's stdout and stderr go to a log file
 in ``workdir``; never to a pipe, which a chatty server would fill and then block on.
 """
 

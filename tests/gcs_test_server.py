@@ -1,7 +1,7 @@
 """A protocol-faithful, fault-injecting Google Cloud Storage JSON-API test server.
 
-It implements the resumable-upload rules of the real service (see shared/PROTOCOL.md) rather than
-those of the public emulators:
+It implements the resumable-upload rules of the real service rather than those of the public
+emulators (the README's "Emulators and the real service" table says where they differ):
 
 * a non-final chunk must be a multiple of 256 KiB (else 400);
 * bytes resent below the persisted offset are ignored, a chunk starting past it is a gap (400);
