@@ -643,9 +643,12 @@ class JournalRecorder:
 
     def persisted(self, offset: int, crc32c: int) -> None:
         assert self.entry is not None
-        self.entry.persisted, self.entry.persisted_crc32c = offset, crc32c
         if self._writer is None:
             self._writer = _BackgroundWriter(self.journal.write)
+        # First the write in flight: ``entry`` never runs ahead of the disk by more than the write
+        # being made, so what an interrupted run prints is what ``resume`` will read.
+        self._writer.wait()
+        self.entry.persisted, self.entry.persisted_crc32c = offset, crc32c
         # A copy: the writer serializes it while the engine goes on updating ``entry``.
         self._writer.submit(replace(self.entry))
 
@@ -655,11 +658,14 @@ class JournalRecorder:
             self._writer.wait()
 
     def finished(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(UsageError):  # the entry goes anyway
-                self._writer.wait()
-        if self.entry is not None:
-            self.journal.remove(self.entry.id)
+        entry = self.entry
+        remove = (lambda: self.journal.remove(entry.id)) if entry is not None else (lambda: None)
+        if self._writer is None:
+            remove()
+        else:
+            # A write that outlasts the timeout would bring the entry back after its removal, and
+            # the lock must not be released under it: the writer removes it once that write ends.
+            self._writer.when_idle(remove)
         self.done = True
 
     #: The upload completed or was cancelled: its entry is gone, nothing is left to resume.
@@ -671,22 +677,29 @@ JOURNAL_WRITE_TIMEOUT = 30.0
 
 
 class _BackgroundWriter:
-    """Writes journal entries on a thread of its own, one at a time, the latest last."""
+    """Writes journal entries on a thread of its own, one at a time."""
 
     def __init__(self, write: Callable[[JournalEntry], None]) -> None:
         self._write = write
         self._cond = threading.Condition()
         self._busy = False
         self._error: UsageError | None = None
+        self._then: Callable[[], None] | None = None
 
     def submit(self, entry: JournalEntry) -> None:
-        """Hand ``entry`` to the writer once the previous write is done (raising its error)."""
-        self.wait()
-        with self._cond:
-            self._busy = True
-        threading.Thread(target=self._run, args=(entry,), name="gcsstream-journal", daemon=True).start()
+        """Start writing ``entry``; the previous write must be done (``wait``)."""
+        thread = threading.Thread(target=self._run, args=(entry,), name="gcsstream-journal", daemon=True)
+        try:
+            with self._cond:
+                self._busy = True
+            thread.start()
+        except BaseException:  # not started (interrupted, no threads left): nothing is in flight
+            with self._cond:
+                self._busy = False
+            raise
 
     def wait(self) -> None:
+        """Until no write is in flight (bounded); raise the error of the last one, if any."""
         with self._cond:
             if not self._cond.wait_for(lambda: not self._busy, timeout=JOURNAL_WRITE_TIMEOUT):
                 raise UsageError(
@@ -697,13 +710,30 @@ class _BackgroundWriter:
         if error is not None:
             raise error
 
+    def when_idle(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once no write is in flight: now, or when a write that outlasted the
+        timeout ends (on the writer's thread). Errors of the last write are dropped."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._busy, timeout=JOURNAL_WRITE_TIMEOUT):
+                self._then = then
+                return
+            self._error = None
+        then()
+
     def _run(self, entry: JournalEntry) -> None:
         error = None
         try:
             self._write(entry)
         except UsageError as exc:
             error = exc
+        except Exception as exc:  # noqa: BLE001 - any failure of the write stops the upload, as it did inline
+            error = UsageError(f"cannot write the journal: {exc}")
         finally:
+            with self._cond:
+                then, self._then = self._then, None
+            if then is not None:
+                with contextlib.suppress(Exception):
+                    then()
             with self._cond:
                 self._busy = False
                 self._error = error

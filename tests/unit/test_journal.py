@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from gcsstream import journal as journal_module
 from gcsstream.errors import Busy, NotFoundError, UsageError
 from gcsstream.journal import Journal, JournalEntry, JournalRecorder, UploadSettings
 
@@ -240,3 +241,48 @@ def test_a_failed_journal_write_stops_the_upload_at_the_next_chunk(tmp_path):
     recorder.persisted(262144, 7)
     with pytest.raises(UsageError, match="disk full"):
         recorder.persisted(524288, 8)
+
+
+def test_an_offset_waiting_for_the_disk_is_not_yet_the_entrys(tmp_path):
+    # Interrupted while it waits, the run prints the entry's offset: it must be the one on disk.
+    journal, recorder = _recorder(tmp_path)
+    assert recorder.entry is not None
+    recorder.persisted(262144, 7)
+    assert journal.writing.wait(5)
+    second = _in_thread(lambda: recorder.persisted(524288, 8))
+    assert not second.wait(0.2)
+    assert (recorder.entry.persisted, recorder.entry.persisted_crc32c) == (262144, 7)
+    journal.gate.set()
+    assert second.wait(5)
+    recorder.flush()
+    assert journal.load(recorder.entry.id).persisted == recorder.entry.persisted == 524288
+
+
+def test_a_write_that_outlasts_the_timeout_does_not_bring_a_finished_entry_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 0.1)
+    journal, recorder = _recorder(tmp_path)
+    assert recorder.entry is not None
+    recorder.persisted(262144, 7)
+    assert journal.writing.wait(5)
+    recorder.finished()  # gives up waiting; the lock stays held until the write has ended
+    with pytest.raises(Busy):
+        Journal(tmp_path / "state").claim(recorder.entry.id)
+    journal.gate.set()
+    assert recorder._writer is not None
+    monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 10.0)
+    recorder._writer.wait()  # the late write, then the removal it was left with
+    assert list(journal.directory.iterdir()) == []
+
+
+def test_any_failure_of_a_journal_write_stops_the_upload(tmp_path, monkeypatch):
+    journal, recorder = _recorder(tmp_path)
+    journal.gate.set()
+
+    def broken(entry):
+        raise ValueError("Out of range float values are not JSON compliant")
+
+    monkeypatch.setattr(journal, "write", broken)
+    recorder._writer = None  # the next write goes through the broken one
+    recorder.persisted(262144, 7)
+    with pytest.raises(UsageError, match="cannot write the journal: Out of range"):
+        recorder.flush()
