@@ -981,6 +981,8 @@ def _download_summary(result: Any, output: str | None) -> dict[str, Any]:
         "generation": result.generation,
         "bytes": result.size + result.resumed,
         "resumed": result.resumed,
+        # What went into FILE: the decompressed size for a gzip-encoded object, else ``bytes``.
+        "written": result.written if result.written is not None else result.size + result.resumed,
         "crc32c": result.crc32c,
         "verified": list(result.verified),
         "output": output,

@@ -267,9 +267,11 @@ def test_cat_output_of_a_decompressed_object_starts_over(server, env, tmp_path):
     out = tmp_path / "z"
     partial_of(out).write_bytes(plain[:1000])  # decompressed bytes cannot be checked: not kept
     server.clear_requests()
-    r = sh(f"gcsstream cat -o {out} gs://{BUCKET}/z.gz", env)
+    r = sh(f"gcsstream cat --json -o {out} gs://{BUCKET}/z.gz", env)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == plain and not partial_of(out).exists()
+    summary = one_json(r.stdout)
+    assert (summary["bytes"], summary["written"]) == (len(gzip_member(plain)), len(plain))
     media = [q for q in server.requests if q.kind == "download"]
     assert media and media[0].range_header.startswith("bytes=0-")
 
