@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from gcsstream.errors import GcsstreamError
-from gcsstream.journal import SESSION_LIFETIME, Journal, JournalEntry
+from gcsstream.journal import SESSION_LIFETIME, Journal, JournalEntry, replace_privately
 from gcsstream.session import resource_int
 
 #: The most finished uploads remembered (the newest).
@@ -60,16 +59,7 @@ def record_finished(journal: Journal, entry: JournalEntry, resource: dict[str, A
     with contextlib.suppress(OSError, GcsstreamError):
         journal.check_directory()
         Journal._make_private(directory)
-        path = directory / f"{entry.id}.json"
-        tmp = directory / f".{entry.id}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, json.dumps(asdict(record)).encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        replace_privately(directory / f"{entry.id}.json", json.dumps(asdict(record)).encode(), durable=False)
         _prune(directory)
 
 

@@ -322,24 +322,12 @@ class Journal:
 
     def write(self, entry: JournalEntry) -> None:
         entry.updated = time.time()
-        path = self._path(entry.id)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        data = json.dumps(asdict(entry), indent=1).encode()
         try:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()  # left by a crashed process with our pid
-            # O_EXCL|O_NOFOLLOW: a planted file or symlink at this name must not receive the URI.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            replace_privately(
+                self._path(entry.id), json.dumps(asdict(entry), indent=1).encode(), durable=True
+            )
             self._sync_directory()
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise UsageError(
                 f"cannot write the journal in {self.directory}: {exc.strerror or exc} "
                 "(set GCSSTREAM_STATE_DIR to a writable directory)"
@@ -609,6 +597,28 @@ def resume_conflicts(entry: JournalEntry, *, endpoint: str | None) -> None:
             f"upload {entry.id} was started on {entry.endpoint}; it cannot continue on {endpoint} "
             "(resume uses the journal's endpoint: drop --endpoint)"
         )
+
+
+def replace_privately(path: Path, data: bytes, *, durable: bool) -> None:
+    """Put ``data`` at ``path`` atomically: a private (0600) temporary file beside it, renamed over
+    it (after an fsync if ``durable``). The temporary file is opened O_EXCL|O_NOFOLLOW, so a file
+    or symlink planted at its name never receives the data; it is removed if anything fails."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by a crashed process with our pid
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 class JournalRecorder:
