@@ -100,6 +100,10 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+#: The jitter of every backoff: one generator, not one seeded from the OS per request.
+_JITTER = random.Random()
+
+
 @dataclass
 class Backoff:
     """One run of failures: each ``next_delay`` is longer, until the deadline says stop.
@@ -111,7 +115,7 @@ class Backoff:
     maximum: float
     deadline: float
     clock: Callable[[], float] = time.monotonic
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=lambda: _JITTER)
     attempts: int = 0
     _started: float | None = None
 
@@ -212,7 +216,7 @@ def run_with_retries(
     """
 
     def new_run() -> Backoff:
-        return Backoff(initial, maximum, deadline, clock, rng or random.Random())
+        return Backoff(initial, maximum, deadline, clock, rng or _JITTER)
 
     backoff = new_run()
     reached = progress() if progress is not None else 0

@@ -10,6 +10,9 @@ retry can cure (a refused certificate, an unusable proxy) become errors at once.
 from __future__ import annotations
 
 import os
+import socket
+import ssl
+import struct
 import threading
 import time
 import urllib.parse
@@ -128,8 +131,9 @@ class _SlicedBody:
 
     def read(self, n: int = -1) -> memoryview:
         # Whatever urllib3 asks for (16 KiB: a thousand sendall calls per 16 MiB chunk, a third
-        # more CPU for the whole upload), a slice is as large as the io timeout safely allows.
-        size = self.PACED_SLICE if self._limiter is not None else _SEND_SLICE
+        # more CPU for the whole upload): unpaced, all of it, and the connection's ``send``
+        # decides how to write it under the io timeout.
+        size = self.PACED_SLICE if self._limiter is not None else len(self._view)
         piece = self._view[self._offset : self._offset + size]
         self._offset += len(piece)
         if piece and self._limiter is not None:
@@ -160,6 +164,28 @@ class _SendsUnderIoTimeout(HTTPConnection):
         super().connect()
         if self.sock is not None:
             self.sock.settimeout(self.send_timeout)
+            # For ``_send_blocking``: a blocked write gives up after the io timeout.
+            seconds = int(self.send_timeout)
+            timeval = struct.pack("ll", seconds, int((self.send_timeout - seconds) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+    def send(self, data: Any) -> None:
+        """A request body's piece, written so that only a lack of progress times it out.
+
+        Python's socket timeout bounds a whole ``sendall``, so a large piece goes out in slices
+        that each must finish within the io timeout; on a plain socket the piece is instead
+        written in blocking mode (one system call for a whole chunk, not one poll and a wake-up
+        per slice), bounded by ``SO_SNDTIMEO`` and by the same least progress per io timeout.
+        """
+        sock = self.sock
+        if sock is None or not isinstance(data, memoryview | bytes) or len(data) <= _SEND_SLICE:
+            return super().send(data)
+        if isinstance(sock, ssl.SSLSocket):  # a TLS write cannot stop part-way: slices
+            view = memoryview(data)
+            for start in range(0, len(view), _SEND_SLICE):
+                super().send(view[start : start + _SEND_SLICE])
+            return None
+        return _send_blocking(sock, data, self.send_timeout)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         connect_timeout = self.timeout
@@ -169,6 +195,29 @@ class _SendsUnderIoTimeout(HTTPConnection):
             super().request(*args, **kwargs)
         finally:
             self.timeout = connect_timeout
+
+
+def _send_blocking(sock: socket.socket, data: memoryview | bytes, timeout: float) -> None:
+    """Write all of ``data``, failing with ``TimeoutError`` (as a socket timeout does) when less
+    than ``_SEND_SLICE`` bytes went out in ``timeout`` seconds: a peer that stops reading, or
+    trickles, ends the request as promptly as with sliced writes."""
+    view = memoryview(data).cast("B")
+    sock.settimeout(None)  # blocking; SO_SNDTIMEO (set at connect) bounds each write
+    try:
+        since, progress = time.monotonic(), 0
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:  # nothing could be written for the whole SO_SNDTIMEO
+                raise TimeoutError(f"no byte of the request was taken in {timeout:g} s") from None
+            view = view[sent:]
+            progress += sent
+            if view and time.monotonic() - since >= timeout:
+                if progress < _SEND_SLICE:
+                    raise TimeoutError(f"the request went out too slowly: {progress} bytes in {timeout:g} s")
+                since, progress = time.monotonic(), 0
+    finally:
+        sock.settimeout(timeout)
 
 
 class _TLSSendsUnderIoTimeout(_SendsUnderIoTimeout, HTTPSConnection):
@@ -205,6 +254,21 @@ def _proxy_for(url: str) -> str | None:
     """The proxy the environment names for ``url`` (scheme://host:port only), if any."""
     proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
     return _origin_text(proxy) if proxy else None
+
+
+def _settle_environment(session: requests.Session, endpoint: str) -> None:
+    """Read the environment's proxy (``HTTPS_PROXY``, ``NO_PROXY``...) and CA bundle
+    (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``) for the endpoint once, not on every request.
+
+    requests otherwise scans the environment twice and looks for ``~/.netrc`` per request, a
+    fifth of a small chunk's CPU; every request goes to the endpoint's origin, so one answer
+    serves them all. ``~/.netrc`` is no longer consulted: its basic auth would replace the token.
+    """
+    session.proxies.update(requests.utils.get_environ_proxies(endpoint))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    session.trust_env = False
 
 
 _S = TypeVar("_S", bound=requests.Session)
@@ -252,6 +316,7 @@ class Transport:
             self._session = _timed_session(
                 AuthorizedSession(credentials, auth_request=AuthRequest(self._token_session)), io_timeout
             )
+        _settle_environment(self._session, self.endpoint)
         self._io_timeout = io_timeout
         self._timeout = (connect_timeout, io_timeout)
         if debuglog.enabled():  # --debug: each exchange on stderr, redacted (no cost otherwise)

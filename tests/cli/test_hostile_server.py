@@ -226,7 +226,8 @@ class SilentReader:
     """A raw HTTP server that answers an initiate, then stops reading: the next request's body
     is never read (its receive buffer is kept small, so the sender blocks soon)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trickle: threading.Event | None = None) -> None:
+        self.trickle = trickle  # if given: read 4 KiB of the body each time it is set, no more
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         self.sock.bind(("127.0.0.1", 0))
@@ -257,6 +258,8 @@ class SilentReader:
             head, _, buffered = buffered.partition(b"\r\n\r\n")
             if head.startswith(b"PUT"):
                 self.stalled.set()
+                while self.trickle is not None and self.trickle.wait() and conn.recv(4096):
+                    self.trickle.clear()
                 return  # read no more: the body stays unread, the connection open
             length = next(
                 (
@@ -288,6 +291,33 @@ def test_a_server_that_stops_reading_is_noticed_after_the_io_timeout(gcsstream_e
             data=os.urandom((16 << 20) + 1), timeout=15,
         )  # fmt: skip
     finally:
+        server.close()
+    assert server.stalled.is_set(), "the chunk never reached the server"
+    err = proc.stderr.decode()
+    assert proc.returncode == 75, err
+    assert "timed out" in err.strip().splitlines()[-1], err
+
+
+def test_a_server_that_trickles_a_large_chunk_in_is_noticed_after_the_io_timeout(gcsstream_exe):
+    """A 16 MiB chunk is written in one blocking write; a server that keeps taking a little of
+    it (far less than 1 MiB per io timeout) still ends the request after about the io timeout."""
+    tick = threading.Event()
+    server = SilentReader(trickle=tick)
+    ticking = threading.Event()
+
+    def ticker() -> None:
+        while not ticking.wait(0.05):  # the server's pace, not a synchronization
+            tick.set()
+
+    threading.Thread(target=ticker, daemon=True).start()
+    try:
+        proc = gcsstream(
+            gcsstream_exe, "put", *FAST, "--io-timeout", "2", "--retry-deadline", "0",
+            "--chunk-size", "16MiB", "--endpoint", server.url, "-", f"gs://{BUCKET}/o",
+            data=os.urandom((16 << 20) + 1), timeout=15,
+        )  # fmt: skip
+    finally:
+        ticking.set()
         server.close()
     assert server.stalled.is_set(), "the chunk never reached the server"
     err = proc.stderr.decode()
