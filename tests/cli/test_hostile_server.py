@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.cli import test_faults
-from tests.conftest import unstamped
+from tests.conftest import crc32c_b64, unstamped
 from tests.wrong_server import Behaviour, Reply, Request, Session, WrongServer
 
 BUCKET = "gcsstream-test"
@@ -107,6 +107,34 @@ def test_location_on_another_origin_gets_no_credentials_and_no_data(gcsstream_ex
         assert not server.objects and not other.objects
     listed = gcsstream(gcsstream_exe, "sessions", "--json")
     assert json.loads(listed.stdout) == [], "the refused session must not be journaled"
+
+
+@pytest.mark.parametrize("with_key", [False, True], ids=["anonymous", "service-account"])
+def test_a_netrc_entry_for_the_endpoint_never_becomes_an_authorization(
+    gcsstream_exe, service_account, tmp_path, with_key
+):
+    """Only google-auth authorizes requests: a ~/.netrc (or $NETRC) entry for the endpoint's host
+    neither adds basic auth to an anonymous upload nor replaces a service account's token."""
+    key, tokens = service_account
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password netrc-secret\n")
+    netrc.chmod(0o600)
+    data = os.urandom(300 * 1024)
+    with WrongServer() as server:
+        creds = ["--credentials", str(key)] if with_key else []
+        proc = gcsstream(
+            gcsstream_exe, "put", *FAST, *creds, "--endpoint", server.url, "-", f"gs://{BUCKET}/o",
+            data=data, env={"NETRC": str(netrc), "HOME": str(tmp_path)},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()
+        sent = [r.headers.get("authorization", "") for r in server.requests]
+        assert not any(value.lower().startswith("basic") for value in sent), sent
+        if with_key:
+            assert all(value.startswith("Bearer ") for value in sent), sent
+        else:
+            assert not any(sent), sent
+        stored, resource = server.objects[(BUCKET, "o")]
+        assert stored == data and resource["crc32c"] == crc32c_b64(data)
 
 
 @pytest.mark.parametrize("status", [301, 302, 307])
