@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 import struct
 import threading
 import time
@@ -164,6 +163,7 @@ class _SendsUnderIoTimeout(HTTPConnection):
         super().connect()
         if self.sock is not None:
             self.sock.settimeout(self.send_timeout)
+        if type(self.sock) is socket.socket:  # plain TCP (not TLS, not a TLS-in-TLS tunnel)
             # For ``_send_blocking``: a blocked write gives up after the io timeout.
             seconds = int(self.send_timeout)
             timeval = struct.pack("ll", seconds, int((self.send_timeout - seconds) * 1e6))
@@ -180,7 +180,7 @@ class _SendsUnderIoTimeout(HTTPConnection):
         sock = self.sock
         if sock is None or not isinstance(data, memoryview | bytes) or len(data) <= _SEND_SLICE:
             return super().send(data)
-        if isinstance(sock, ssl.SSLSocket):  # a TLS write cannot stop part-way: slices
+        if type(sock) is not socket.socket:  # TLS: a TLS write cannot stop part-way, so slices
             view = memoryview(data)
             for start in range(0, len(view), _SEND_SLICE):
                 super().send(view[start : start + _SEND_SLICE])
