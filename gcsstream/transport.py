@@ -15,12 +15,9 @@ import struct
 import threading
 import time
 import urllib.parse
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import google.auth
 import requests
-from google.auth import credentials as auth_credentials
-from google.auth import exceptions as auth_exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -30,6 +27,9 @@ from gcsstream import debuglog
 from gcsstream.errors import AuthError, ServiceError, UsageError
 from gcsstream.options import UploadOptions, origin
 from gcsstream.retry import AnswerTooSlow, permanent_network_failure
+
+if TYPE_CHECKING:
+    from google.auth import credentials as auth_credentials
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
@@ -68,8 +68,14 @@ def resolve_endpoint(endpoint: str | None = None) -> tuple[str, bool]:
 
 def load_credentials(
     credentials_file: str | None = None, *, anonymous: bool = False
-) -> auth_credentials.Credentials:
-    """Credentials from a file, or anonymous (emulators), or Application Default Credentials."""
+) -> auth_credentials.Credentials | None:
+    """Credentials from a file, or None for anonymous (emulators), or Application Default
+    Credentials. google-auth's credentials (and the asyncio they import) load only when needed."""
+    if anonymous and not credentials_file:
+        return None
+    import google.auth
+    from google.auth import exceptions as auth_exceptions
+
     if credentials_file:
         if not os.path.isfile(credentials_file):
             raise UsageError(f"credentials file {credentials_file}: no such file")
@@ -78,8 +84,6 @@ def load_credentials(
         except (auth_exceptions.DefaultCredentialsError, ValueError, OSError) as exc:
             raise AuthError(f"credentials file {credentials_file} is not usable: {exc}") from None
         return creds
-    if anonymous:
-        return auth_credentials.AnonymousCredentials()
     try:
         creds, _ = google.auth.default(scopes=SCOPES)
     except auth_exceptions.DefaultCredentialsError:
@@ -280,8 +284,14 @@ def _timed_session(session: _S, send_timeout: float) -> _S:
     return session
 
 
+def _is_anonymous(credentials: auth_credentials.Credentials) -> bool:
+    from google.auth import credentials as auth_credentials
+
+    return isinstance(credentials, auth_credentials.AnonymousCredentials)
+
+
 class Transport:
-    """One keep-alive connection pool to one endpoint; credentials refreshed on 401.
+    """One keep-alive connection pool to one endpoint; credentials (None: anonymous) refreshed on 401.
 
     Every exchange goes through ``request``, the one place that enforces where requests may go
     and how long and how large their answers may be.
@@ -290,7 +300,7 @@ class Transport:
     def __init__(
         self,
         endpoint: str,
-        credentials: auth_credentials.Credentials,
+        credentials: auth_credentials.Credentials | None,
         *,
         user_project: str | None = None,
         connect_timeout: float = UploadOptions.connect_timeout,
@@ -305,7 +315,7 @@ class Transport:
         self._token_session = _timed_session(requests.Session(), io_timeout)
         self._token_session.max_redirects = 0
         self._session: requests.Session
-        if isinstance(credentials, auth_credentials.AnonymousCredentials):
+        if credentials is None or _is_anonymous(credentials):
             # Nothing to sign or refresh: a plain session, and google-auth's requests transport
             # (which loads its service-account crypto, about 0.1 s) stays unimported.
             self._session = _timed_session(requests.Session(), io_timeout)
