@@ -4,14 +4,13 @@ entry is, and one holder per entry (the lock is per open file, so one process sh
 from __future__ import annotations
 
 import json
-import os
-import stat
 import threading
 
 import pytest
 
 from gcsstream import journal as journal_module
-from gcsstream.errors import Busy, NotFoundError, UsageError
+from gcsstream.errors import Busy, UsageError
+from gcsstream.jobs import claim_entry
 from gcsstream.journal import Journal, JournalEntry, JournalRecorder, UploadSettings
 
 ENDPOINT = "http://127.0.0.1:9"
@@ -63,40 +62,6 @@ def test_differences_name_every_setting_that_differs():
     ]
 
 
-def test_plan_continues_only_an_entry_with_the_same_settings(tmp_path):
-    journal = Journal(tmp_path / "state")
-    same = journal.new_entry(**entry_fields(settings()))
-    other = journal.new_entry(**entry_fields(settings(if_generation_match=0)))
-    journal.unlock_all()
-    plan = journal.plan([other, same], settings(), restart=False)
-    assert plan.entry is same and plan.replace == []
-    assert [(e.id, why) for e, why in plan.left] == [
-        (other.id, "precondition (--no-clobber, --if-generation-match) differ")
-    ]
-    journal.unlock_all()
-    plan = journal.plan([same], settings(), restart=True)
-    assert plan.entry is None and plan.replace == [same]
-
-
-def test_an_entry_has_one_holder(tmp_path):
-    first, second = Journal(tmp_path / "state"), Journal(tmp_path / "state")
-    entry = first.new_entry(**entry_fields(settings()))  # locked from the moment it exists
-    lock = tmp_path / "state" / f"{entry.id}.lock"
-    assert stat.S_IMODE(lock.stat().st_mode) == 0o600 and lock.read_text() == f"{os.getpid()}\n"
-    with pytest.raises(Busy, match=f"upload {entry.id} is being driven by process {os.getpid()}"):
-        second.claim(entry.id)
-    with pytest.raises(Busy):
-        second.plan([entry], settings(), restart=False)
-    plan = second.plan([entry], settings(), restart=True)  # leaves it to its driver
-    assert plan.entry is None and plan.replace == [] and plan.left[0][0] is entry
-    assert second.holder(entry.id) == os.getpid()
-    first.unlock_all()
-    assert second.holder(entry.id) is None
-    assert second.claim(entry.id).id == entry.id
-    second.remove(entry.id)
-    assert list((tmp_path / "state").iterdir()) == []
-
-
 @pytest.mark.parametrize(
     ("change", "why"),
     [
@@ -134,14 +99,6 @@ def test_a_journal_without_the_newer_fields_still_loads():
     assert entry.gzip and entry.if_generation_match is None
 
 
-def test_an_id_that_is_not_one_is_refused_before_any_file_is_touched(tmp_path):
-    journal = Journal(tmp_path / "state")
-    for bad in ("../x", "", "ABC", "12/34"):
-        with pytest.raises(NotFoundError):
-            journal.claim(bad)
-    assert not (tmp_path / "state").exists()
-
-
 def test_a_session_uri_with_the_default_port_spelled_out_is_on_its_endpoint():
     """The same origin the transport will send to: ``https://Host:443`` is ``https://host``."""
     data = {
@@ -150,19 +107,6 @@ def test_a_session_uri_with_the_default_port_spelled_out_is_on_its_endpoint():
         "session_uri": "https://STORAGE.example:443/upload/storage/v1/b/bkt/o?upload_id=abc",
     }
     assert JournalEntry.from_json(data, "00000003").session_uri.startswith("https://STORAGE.example:443/")
-
-
-def test_plan_leaves_a_second_upload_of_the_same_file_alone_without_restart(tmp_path):
-    """Two entries with the same settings (one started by --restart beside a driven upload):
-    a plain run continues one and leaves the other, named; only --restart replaces them."""
-    journal = Journal(tmp_path / "state")
-    first = journal.new_entry(**entry_fields(settings()))
-    second = journal.new_entry(**entry_fields(settings()))
-    journal.unlock_all()
-    plan = journal.plan([first, second], settings(), restart=False)
-    assert plan.entry is first and plan.replace == []
-    assert [e.id for e, _ in plan.left] == [second.id]
-    Journal(tmp_path / "state").lock(second.id)  # not held by the planning process
 
 
 class _HeldWrites(Journal):
@@ -266,7 +210,7 @@ def test_a_write_that_outlasts_the_timeout_does_not_bring_a_finished_entry_back(
     assert journal.writing.wait(5)
     recorder.finished()  # gives up waiting; the lock stays held until the write has ended
     with pytest.raises(Busy):
-        Journal(tmp_path / "state").claim(recorder.entry.id)
+        claim_entry(Journal(tmp_path / "state"), recorder.entry.id)
     journal.gate.set()
     assert recorder._writer is not None
     monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 10.0)
