@@ -386,15 +386,21 @@ def open_upload(
         journal: keep a resume journal in the command line's state directory (off by default:
             a library should not write state files unasked), locked by this process while it
             runs; an error then carries ``upload_id``, for ``resume=``, and ``gcsstream resume``.
-        resume: continue the journaled upload with this id (``err.upload_id``, or one listed by
-            ``gcsstream sessions``): supply the same input again; the held prefix must match the
-            journal's CRC32C, and the object's options come from the journal (passing them
-            again is refused). Raises ``Busy`` if another process drives it.
+        resume: continue an upload as ``gcsstream resume`` does, named by its journal id
+            (``err.upload_id``, or one listed by ``gcsstream sessions``) or by its session URI
+            (``err.session_uri``): supply the same input again (a file upload's file,
+            unchanged); the held prefix must match the journal's CRC32C, and the object's
+            options come from the journal (passing them is refused). A session URI no journal
+            knows is continued like ``session_uri=``. Raises ``Busy`` if another process drives it.
 
     Raises ``GcsstreamError`` subclasses (see ``gcsstream.errors``) from ``write`` or ``close``.
     """
     arguments = dict(locals())
-    return ObjectWriter(_plan(arguments.pop("url"), **arguments))
+    # As ``upload`` passes them: only the options given (a default is no choice), so that
+    # ``resume=`` refuses only the options that the journal would override.
+    defaults = {name: p.default for name, p in inspect.signature(open_upload).parameters.items()}
+    given = {name: value for name, value in arguments.items() if name != "url" and value != defaults[name]}
+    return ObjectWriter(_plan(url, **given))
 
 
 def upload(
