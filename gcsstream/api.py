@@ -20,24 +20,16 @@ from typing import Any, BinaryIO
 
 from google.auth import credentials as auth_credentials
 
-from gcsstream.engine import Resume, SessionRecorder, Uploader, UploadResult
+from gcsstream import jobs
+from gcsstream.engine import SessionRecorder, Uploader, UploadResult
 from gcsstream.errors import GcsstreamError, SourceError, UsageError
 from gcsstream.events import EventCallback
-from gcsstream.history import record_finished
-from gcsstream.journal import (
-    Journal,
-    JournalEntry,
-    JournalRecorder,
-    UploadSettings,
-    resume_conflicts,
-    source_identity,
-)
+from gcsstream.journal import Journal, JournalRecorder
 from gcsstream.options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_RETRY_DEADLINE,
     ChecksumMode,
     ObjectMetadata,
-    ObjectURL,
     UploadOptions,
     parse_gs_url,
     parse_size,
@@ -46,7 +38,6 @@ from gcsstream.sources import (
     WRITER_BUDGET,
     ChunkSource,
     FileSource,
-    GzipSource,
     IterableSource,
     StreamSource,
     WriterSource,
@@ -58,60 +49,55 @@ Credentials = str | os.PathLike[str] | auth_credentials.Credentials
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything an upload needs, resolved from keyword arguments."""
+    """An upload's plan (``jobs.UploadPlan``, the command line's too), with the library's transport
+    and progress callback."""
 
-    destination: ObjectURL
-    options: UploadOptions
-    metadata: ObjectMetadata
+    job: jobs.UploadPlan
     transport: Transport
     progress: EventCallback | None
-    resume: Resume | None
-    #: The journal of a journaled upload (``journal=True`` or ``resume=ID``), else None.
-    journal: Journal | None = None
-    settings: UploadSettings | None = None
-    #: The claimed (locked) entry of ``resume=ID``.
-    entry: JournalEntry | None = None
+    #: ``resume=``: the upload being continued (its input is checked against its journal).
+    continuing: jobs.Continuing | None = None
 
     def uploader(self) -> Uploader:
-        return Uploader(self.transport, self.options, on_event=self.progress)
+        return Uploader(self.transport, self.job.options, on_event=self.progress)
 
     def recorder(self, source: ChunkSource) -> JournalRecorder | None:
-        """The journal recorder of this upload, if it is journaled."""
-        if self.journal is None:
-            return None
-        if self.entry is not None:
-            return JournalRecorder(self.journal, self.entry)
-        assert self.settings is not None
-        return JournalRecorder.for_new(
-            self.journal, self.settings, chunk_size=self.options.chunk_size, source=source_identity(source)
-        )
+        """The journal recorder of this upload, if it is journaled; a resumed file upload's input
+        must be that file, unchanged (as for ``gcsstream resume``)."""
+        if self.continuing is not None:
+            self.continuing.check_source(source)
+        return self.job.recorder(source)
+
+    def release(self) -> None:
+        """Release what the plan holds: the journal entries it claimed, the connection."""
+        try:
+            self.job.release()
+        finally:
+            self.transport.close()
 
     def execute(
         self, source: ChunkSource, recorder: SessionRecorder | None, journaled: JournalRecorder | None
     ) -> UploadResult:
         """Run the upload. A journaled one's errors carry its journal id (``upload_id``) and
         session URI, so that the caller can resume it; its lock is released at the end."""
-        if self.entry is not None and self.entry.gzip:
-            source = GzipSource(source)
         try:
             result = self.uploader().upload(
-                source, self.destination, self.metadata, recorder=recorder, resume=self.resume
+                self.job.input(source),
+                self.job.destination,
+                self.job.metadata,
+                recorder=recorder,
+                resume=self.job.resume,
             )
         except GcsstreamError as exc:
-            if journaled is not None and journaled.entry is not None and not journaled.done:
-                exc.upload_id = journaled.entry.id
-                if exc.session_uri is None:
-                    exc.session_uri = journaled.entry.session_uri
+            jobs.name_unfinished(exc, journaled, with_session=True)
             raise
         finally:
-            if self.journal is not None:
-                self.journal.unlock_all()
-        if journaled is not None and journaled.entry is not None:
-            record_finished(journaled.journal, journaled.entry, result.resource)  # for `status ID`
+            self.job.release()
+        jobs.remember_finished(journaled, result.resource)  # for `gcsstream status ID`
         return result
 
 
-#: Keywords that ``resume=ID`` takes from the journal (the session fixed them).
+#: Keywords that ``resume=`` takes from the journal or the session (the session fixed them).
 _FROM_JOURNAL = (
     "checksum",
     "content_type",
@@ -125,6 +111,20 @@ _FROM_JOURNAL = (
     "size",
     "session_uri",
 )
+
+
+def _transport(
+    endpoint: str | None, credentials: Credentials | None, project: str | None, *, anonymous: bool = False
+) -> Transport:
+    """The library's transport: ``credentials`` a key file, google-auth credentials, or None."""
+    if isinstance(credentials, auth_credentials.Credentials):
+        return Transport(resolve_endpoint(endpoint)[0], credentials, user_project=project)
+    return Transport.connect(
+        endpoint,
+        credentials_file=os.fspath(credentials) if credentials else None,
+        user_project=project,
+        anonymous=anonymous and credentials is None,
+    )
 
 
 def _plan(url: str, **options: Any) -> _Plan:
@@ -150,74 +150,56 @@ def _plan(url: str, **options: Any) -> _Plan:
         kms_key=o.kms_key,
         metadata=dict(o.metadata or {}),
     )
-    if isinstance(o.credentials, auth_credentials.Credentials):
-        transport = Transport(resolve_endpoint(o.endpoint)[0], o.credentials, user_project=o.project)
-    else:
-        transport = Transport.connect(
-            o.endpoint,
-            credentials_file=os.fspath(o.credentials) if o.credentials else None,
-            user_project=o.project,
-            anonymous=o.session_uri is not None and o.credentials is None,
-        )
-    resume = Resume(o.session_uri) if o.session_uri else None
-    destination = parse_gs_url(url)
-    journal = settings = None
-    if o.journal:
-        if o.session_uri:
-            raise UsageError("journal=True journals new uploads; a session_uri has no journal")
-        journal = Journal()
-        journal.check_writable()
-        settings = UploadSettings(
-            destination=str(destination),
+    transport = _transport(o.endpoint, o.credentials, o.project, anonymous=o.session_uri is not None)
+    try:
+        destination = parse_gs_url(url)
+        journal = None
+        if o.journal:
+            if o.session_uri:
+                raise UsageError("journal=True journals new uploads; a session_uri has no journal")
+            journal = Journal()
+            journal.check_writable()
+        job = jobs.plan_new(
+            destination,
+            upload_options,
+            object_metadata,
             endpoint=transport.endpoint,
-            resource=object_metadata.resource(destination.name),
-            checksum=upload_options.checksum,
-            if_generation_match=upload_options.if_generation_match,
-            expected_size=upload_options.expected_size,
+            journal=journal,
+            session_uri=o.session_uri,
         )
-    return _Plan(
-        destination, upload_options, object_metadata, transport, o.progress, resume, journal, settings
-    )
+    except BaseException:
+        transport.close()
+        raise
+    return _Plan(job, transport, o.progress)
 
 
 def _resume_plan(url: str, given: dict[str, Any]) -> _Plan:
-    """``resume=ID``: continue a journaled upload with the journal's options, as the CLI does."""
+    """``resume=ID`` or ``resume=SESSION_URI``: continue an upload as ``gcsstream resume`` does,
+    with its journal's options (a session URI no journal knows: the session's own)."""
     conflicting = sorted(key for key in given if key in _FROM_JOURNAL)
     if conflicting:
         raise UsageError(
             f"resume=ID takes the upload's options from its journal; do not pass {', '.join(conflicting)}"
         )
     journal = Journal()
-    entry = journal.claim(given["resume"])
+    job = jobs.continuing(journal, given["resume"], endpoint=given.get("endpoint"))
     try:
-        resume_conflicts(entry, endpoint=given.get("endpoint"))
-        destination = parse_gs_url(url)
-        if str(destination) != entry.destination:
-            raise UsageError(f"upload {entry.id} writes {entry.destination}, not {destination}")
-        upload_options = UploadOptions(
-            chunk_size=parse_size(given.get("chunk_size", entry.chunk_size)),
-            checksum=entry.checksum,  # type: ignore[arg-type]
-            if_generation_match=entry.if_generation_match,
-            retry_deadline=given.get("retry_deadline", DEFAULT_RETRY_DEADLINE),
-            expected_size=entry.expected_size,
+        job.check_destination(parse_gs_url(url))
+        chunk_size = given.get("chunk_size")
+        plan = job.plan(
+            chunk_size=parse_size(chunk_size) if chunk_size is not None else None,
+            destination=parse_gs_url(url),
+            tuning={"retry_deadline": given.get("retry_deadline", DEFAULT_RETRY_DEADLINE)},
         )
         credentials = given.get("credentials")
-        if isinstance(credentials, auth_credentials.Credentials):
-            transport = Transport(entry.endpoint, credentials, user_project=given.get("project"))
-        else:
-            transport = Transport.connect(
-                entry.endpoint,
-                credentials_file=os.fspath(credentials) if credentials else None,
-                user_project=given.get("project"),
-            )
+        endpoint, anonymous = job.connection(
+            credentials=credentials is not None, endpoint=given.get("endpoint")
+        )
+        transport = _transport(endpoint, credentials, given.get("project"), anonymous=anonymous)
     except BaseException:
-        journal.unlock_all()
+        job.release()
         raise
-    metadata = ObjectMetadata(content_type=str(entry.resource.get("contentType")))
-    verify = Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c))
-    return _Plan(
-        destination, upload_options, metadata, transport, given.get("progress"), verify, journal, None, entry
-    )
+    return _Plan(plan, transport, given.get("progress"), job)
 
 
 class _Upload:
@@ -269,7 +251,7 @@ def _run_writer(plan: _Plan, source: WriterSource, upload: _Upload) -> None:
         upload.outcome = exc
         source.fail(exc)
     finally:
-        plan.transport.close()
+        plan.release()
 
 
 def _discarded(source: WriterSource) -> None:
@@ -289,8 +271,12 @@ class ObjectWriter(io.BufferedIOBase):
     def __init__(self, plan: _Plan) -> None:
         super().__init__()
         self._plan = plan
-        self._source = WriterSource(min(plan.options.chunk_size, WRITER_BUDGET))
-        self._upload = _Upload(plan.recorder(self._source))
+        self._source = WriterSource(min(plan.job.options.chunk_size, WRITER_BUDGET))
+        try:
+            self._upload = _Upload(plan.recorder(self._source))
+        except BaseException:  # refused before the engine starts: nothing else will release it
+            plan.release()
+            raise
         self._thread = threading.Thread(
             target=_run_writer, args=(plan, self._source, self._upload), name="gcsstream-upload", daemon=True
         )
@@ -400,15 +386,21 @@ def open_upload(
         journal: keep a resume journal in the command line's state directory (off by default:
             a library should not write state files unasked), locked by this process while it
             runs; an error then carries ``upload_id``, for ``resume=``, and ``gcsstream resume``.
-        resume: continue the journaled upload with this id (``err.upload_id``, or one listed by
-            ``gcsstream sessions``): supply the same input again; the held prefix must match the
-            journal's CRC32C, and the object's options come from the journal (passing them
-            again is refused). Raises ``Busy`` if another process drives it.
+        resume: continue an upload as ``gcsstream resume`` does, named by its journal id
+            (``err.upload_id``, or one listed by ``gcsstream sessions``) or by its session URI
+            (``err.session_uri``): supply the same input again (a file upload's file,
+            unchanged); the held prefix must match the journal's CRC32C, and the object's
+            options come from the journal (passing them is refused). A session URI no journal
+            knows is continued like ``session_uri=``. Raises ``Busy`` if another process drives it.
 
     Raises ``GcsstreamError`` subclasses (see ``gcsstream.errors``) from ``write`` or ``close``.
     """
     arguments = dict(locals())
-    return ObjectWriter(_plan(arguments.pop("url"), **arguments))
+    # As ``upload`` passes them: only the options given (a default is no choice), so that
+    # ``resume=`` refuses only the options that the journal would override.
+    defaults = {name: p.default for name, p in inspect.signature(open_upload).parameters.items()}
+    given = {name: value for name, value in arguments.items() if name != "url" and value != defaults[name]}
+    return ObjectWriter(_plan(url, **given))
 
 
 def upload(
@@ -424,9 +416,7 @@ def upload(
         chunks = _source(source)
         return _Upload(plan.recorder(chunks)).run(plan, chunks)
     finally:
-        if plan.journal is not None:
-            plan.journal.unlock_all()
-        plan.transport.close()
+        plan.release()
 
 
 # help(upload) shows the keyword arguments it takes: open_upload's.

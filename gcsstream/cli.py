@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 import traceback
-import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -23,9 +22,7 @@ from gcsstream.errors import (
     GcsstreamError,
     HungUp,
     Interrupted,
-    NotFoundError,
     OutputClosed,
-    PrefixMismatch,
     SinkError,
     Terminated,
     TransientError,
@@ -51,7 +48,7 @@ from gcsstream.progress import (
     human_bytes,
     say,
 )
-from gcsstream.redact import redact
+from gcsstream.redact import printable, redact
 
 if TYPE_CHECKING:  # each loads in the command that uses it: start-up (--help, completion) stays instant
     from gcsstream.engine import UploadResult
@@ -196,7 +193,7 @@ def _complete_upload_ids(incomplete: str) -> list[tuple[str, str]]:
     except (GcsstreamError, OSError):
         return []
     return [
-        (e.id, f"{_printable(e.destination)}, {human_bytes(e.persisted)} held")
+        (e.id, f"{printable(e.destination)}, {human_bytes(e.persisted)} held")
         for e in entries
         if e.id.startswith(incomplete)
     ]
@@ -352,9 +349,9 @@ def put(
     matched against its checksums; otherwise nothing is created and the exit code says why. An
     interrupted upload can be continued with `gcsstream resume ID` (the command is printed).
     """
-    from gcsstream.engine import Resume, Uploader
-    from gcsstream.journal import JournalRecorder, UploadSettings, source_identity
-    from gcsstream.sources import GzipSource, ProducerSource
+    from gcsstream import jobs
+    from gcsstream.engine import Uploader
+    from gcsstream.sources import ProducerSource
     from gcsstream.transport import Transport
 
     if debug:
@@ -393,7 +390,6 @@ def put(
     journal = _journal()
     journal.check_writable()
     raw_source = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
-    source: ChunkSource = GzipSource(raw_source) if gzip else raw_source
     with Transport.connect(
         endpoint,
         credentials_file=credentials,
@@ -402,55 +398,40 @@ def put(
         rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
         _watch_for_emulator(transport, quiet)
+        plan = jobs.plan_new(
+            destination,
+            options,
+            object_metadata,
+            endpoint=transport.endpoint,
+            journal=journal,
+            gzip=gzip,
+            earlier_of=raw_source,
+            restart=restart,
+        )
+        source = plan.input(raw_source)
         state = ProgressState(str(destination), source.size)
         uploader = Uploader(transport, options, on_event=state.record)
-        identity = source_identity(raw_source)
-        settings = UploadSettings(
-            destination=str(destination),
-            endpoint=transport.endpoint,
-            resource=object_metadata.resource(destination.name),
-            checksum=options.checksum,
-            if_generation_match=options.if_generation_match,
-            gzip=gzip,
-            expected_size=options.expected_size,
-        )
-        resume = None
-        recorder = JournalRecorder.for_new(journal, settings, chunk_size=options.chunk_size, source=identity)
-        if identity["kind"] == "file":
-            earlier = journal.find_for_file(
-                str(destination), identity["path"], identity["size"], identity["mtime_ns"]
+        for entry, why in plan.left:
+            instead = "" if plan.entry is not None else ": starting a new upload"
+            _say(
+                f"not continuing the unfinished upload {entry.id} of this file ({why}){instead}; "
+                f"{entry.id} is left as it was (gcsstream resume {entry.id}, or "
+                f"gcsstream abort {entry.id})",
+                quiet,
             )
-            plan = journal.plan(earlier, settings, restart=restart)
-            for entry, why in plan.left:
-                instead = "" if plan.entry is not None else ": starting a new upload"
-                _say(
-                    f"not continuing the unfinished upload {entry.id} of this file ({why}){instead}; "
-                    f"{entry.id} is left as it was (gcsstream resume {entry.id}, or "
-                    f"gcsstream abort {entry.id})",
-                    quiet,
-                )
-            for entry in plan.replace:
-                with contextlib.suppress(GcsstreamError):
-                    uploader.cancel(entry.session_uri, destination)
-                journal.remove(entry.id)
-            if plan.entry is not None:
-                earlier_entry = plan.entry
-                _say(
-                    f"continuing the unfinished upload {earlier_entry.id} of this file "
-                    f"({human_bytes(earlier_entry.persisted)} stored; --restart starts afresh)",
-                    quiet,
-                )
-                resume = Resume(
-                    earlier_entry.session_uri,
-                    verify=(earlier_entry.persisted, earlier_entry.persisted_crc32c),
-                )
-                recorder = JournalRecorder(journal, earlier_entry)
-                object_metadata = ObjectMetadata(content_type=str(earlier_entry.resource.get("contentType")))
+        plan.cancel_replaced(uploader)
+        if plan.entry is not None:
+            _say(
+                f"continuing the unfinished upload {plan.entry.id} of this file "
+                f"({human_bytes(plan.entry.persisted)} stored; --restart starts afresh)",
+                quiet,
+            )
+        recorder = plan.recorder(raw_source)
         with display(state, mode=progress, interval=progress_interval, quiet=quiet):
             result = _resumable(
                 recorder,
                 lambda: uploader.upload(
-                    source, destination, object_metadata, recorder=recorder, resume=resume
+                    source, destination, plan.metadata, recorder=recorder, resume=plan.resume
                 ),
             )
     _finished(result, recorder, state.resumed_at, json_output=json_output, quiet=quiet, gzip=gzip)
@@ -494,77 +475,54 @@ def resume(
     journal's CRC32C before anything is sent: a different, modified or shorter input is refused
     (exit 3) and the session is left as it was. Nothing the service holds is sent twice.
     """
-    from gcsstream.engine import Resume, Uploader
-    from gcsstream.journal import JournalRecorder, resume_conflicts
-    from gcsstream.sources import GzipSource
+    from gcsstream import jobs
+    from gcsstream.engine import Uploader
     from gcsstream.transport import Transport
 
     if debug:
         _log_http()
     journal = _journal()
-    entry, session_uri, destination, checksum_mode = _find_upload(journal, upload, claim=True)
-    if entry is not None:
-        resume_conflicts(entry, endpoint=endpoint)
-    if entry is None:
-        if src is None:
-            raise UsageError("give the input to resume a session URI with: gcsstream resume URI SRC")
+    job = jobs.continuing(journal, upload, endpoint=endpoint)
+    src = job.input_path(src)
+    if job.entry is None:
         _say(
             "resuming a session with no journal: the bytes the service holds cannot be checked "
             "against the input (the final checksum still is)",
             False,
         )
-    elif src is None:
-        if entry.is_stream:
-            raise UsageError(
-                f"upload {entry.id} read a stream: supply the same stream again, "
-                f"... | gcsstream resume {entry.id} -"
-            )
-        src = str(entry.source["path"])
     raw_source = _open_source(src)
-    if entry is not None and not entry.is_stream:
-        _check_file_unchanged(entry, raw_source)
-    gzip = bool(entry and entry.gzip)
-    source: ChunkSource = GzipSource(raw_source) if gzip else raw_source
-    options = UploadOptions(
-        chunk_size=check_chunk_size(parse_size(chunk_size))
-        if chunk_size
-        else (entry.chunk_size if entry else 16 << 20),
-        checksum=checksum_mode,  # type: ignore[arg-type]
-        # The session carries the precondition; the journal's value names it in a 412's message.
-        if_generation_match=entry.if_generation_match if entry else None,
-        expected_size=entry.expected_size if entry else None,
-        retry_deadline=retry_deadline,
-        retry_initial_delay=retry_initial_delay,
-        io_timeout=io_timeout,
+    job.check_source(raw_source)
+    plan = job.plan(
+        chunk_size=check_chunk_size(parse_size(chunk_size)) if chunk_size else None,
+        tuning={
+            "retry_deadline": retry_deadline,
+            "retry_initial_delay": retry_initial_delay,
+            "io_timeout": io_timeout,
+        },
     )
+    source = plan.input(raw_source)
     # A bare session URI is its own credential: no Google credentials are needed to use it.
-    service = entry.endpoint if entry else (endpoint or _origin(session_uri))
+    service, anonymous = job.connection(credentials=credentials is not None, endpoint=endpoint)
     with Transport.connect(
         service,
         credentials_file=credentials,
         user_project=project,
         io_timeout=io_timeout,
-        anonymous=(entry is None or _is_session_uri(upload)) and credentials is None,
+        anonymous=anonymous,
         rate_limit=parse_size(limit_rate) if limit_rate else None,
     ) as transport:
         _watch_for_emulator(transport, quiet)
-        state = ProgressState(str(destination), source.size)
-        uploader = Uploader(transport, options, on_event=state.record)
-        verify = (entry.persisted, entry.persisted_crc32c) if entry else None
-        content_type = (entry.resource if entry else {}).get("contentType", "application/octet-stream")
-        recorder = JournalRecorder(journal, entry) if entry else None
+        state = ProgressState(str(plan.destination), source.size)
+        uploader = Uploader(transport, plan.options, on_event=state.record)
+        recorder = plan.recorder(raw_source)
         with display(state, mode=progress, interval=progress_interval, quiet=quiet):
             result = _resumable(
                 recorder,
                 lambda: uploader.upload(
-                    source,
-                    destination,
-                    ObjectMetadata(content_type=str(content_type)),
-                    recorder=recorder,
-                    resume=Resume(session_uri, verify=verify),
+                    source, plan.destination, plan.metadata, recorder=recorder, resume=plan.resume
                 ),
             )
-    _finished(result, recorder, state.resumed_at, json_output=json_output, quiet=quiet, gzip=gzip)
+    _finished(result, recorder, state.resumed_at, json_output=json_output, quiet=quiet, gzip=plan.gzip)
 
 
 @app.command(cls=_Command, epilog=CAT_EXAMPLES + "\n" + EXIT_CODES)
@@ -672,7 +630,7 @@ def cat(
                 if result.resumed
                 else ""
             )
-            _say(f"wrote {_printable(output)}{resumed}", quiet)
+            _say(f"wrote {printable(output)}{resumed}", quiet)
 
 
 @app.command(cls=_Command, epilog=STAT_EXAMPLES + "\n" + EXIT_CODES)
@@ -728,42 +686,38 @@ def sessions(
     debug: DebugOpt = False,
 ) -> None:
     """List unfinished uploads: id, bytes held, age, endpoint, destination, source."""
+    from gcsstream import jobs
+
     if debug:
         _log_http()
     journal = _journal()
     entries = journal.entries()
     if prune:
         kept = []
-        for entry in entries:
-            try:
-                journal.lock(entry.id)
-            except Busy as exc:
-                say(f"kept {entry.id}: {exc}")
+        for pruned in jobs.prune(journal, entries, lambda e: _transport_for(e, e.session_uri, credentials)):
+            entry = pruned.entry
+            if pruned.busy is not None:
+                say(f"kept {entry.id}: {pruned.busy}")
+            elif pruned.forgotten:
+                say(f"forgot {entry.id} ({printable(entry.destination)}): the session has {pruned.state}")
+            if not pruned.forgotten:
                 kept.append(entry)
-                continue
-            state = _probe(entry, credentials)
-            if state in ("gone", "finished"):
-                journal.remove(entry.id)
-                say(f"forgot {entry.id} ({_printable(entry.destination)}): the session has {state}")
-            else:
-                kept.append(entry)
-                journal.unlock(entry.id)
         entries = kept
     drivers = {e.id: journal.holder(e.id) for e in entries}
     if json_output:
-        print(json.dumps([{**_entry_summary(e), "driven_by": drivers[e.id]} for e in entries]))
+        print(json.dumps([{**jobs.entry_summary(e), "driven_by": drivers[e.id]} for e in entries]))
         return
     if not entries:
         say("no unfinished uploads")
         return
     rows = []
     for e in entries:
-        source = _printable(str(e.source.get("path"))) if not e.is_stream else "stream"
+        source = printable(str(e.source.get("path"))) if not e.is_stream else "stream"
         expired = " (expired)" if e.expired else ""
         driven = f" (being driven by process {drivers[e.id]})" if drivers[e.id] else ""
         held = human_bytes(e.persisted)
         cells = [e.id, held, _age(e.created), e.endpoint, e.destination]
-        rows.append([*map(_printable, cells), f"{source}{expired}{driven}"])
+        rows.append([*map(printable, cells), f"{source}{expired}{driven}"])
     header = ["ID", "HELD", "AGE", "ENDPOINT", "DESTINATION", "SOURCE"]
     for line in format_table(header, rows, right=frozenset({1, 2})):
         print(line)
@@ -777,6 +731,7 @@ def status(
     debug: DebugOpt = False,
 ) -> None:
     """Ask the service how many bytes an upload holds, or which object it created."""
+    from gcsstream import jobs
     from gcsstream.engine import Uploader
     from gcsstream.session import resource_int
 
@@ -784,13 +739,14 @@ def status(
         _log_http()
     journal = _journal()
     try:
-        entry, session_uri, destination, _ = _find_upload(journal, upload)
-    except _Finished as done:
+        found = jobs.find_upload(journal, upload)
+    except jobs.Finished as done:
         _print_finished(done.record, json_output)
         return
-    with _transport_for(entry, session_uri, credentials, by_uri=_is_session_uri(upload)) as transport:
-        state = Uploader(transport).session_status(session_uri, destination)
-    shown = _printable(str(destination))
+    entry, destination = found.entry, found.destination
+    with _transport_for(entry, found.session_uri, credentials, by_uri=found.by_uri) as transport:
+        state = Uploader(transport).session_status(found.session_uri, destination)
+    shown = printable(str(destination))
     name = entry.id if entry else "session"
     if isinstance(state, int):
         summary: dict[str, Any] = {
@@ -821,16 +777,16 @@ def abort(
     debug: DebugOpt = False,
 ) -> None:
     """Cancel an unfinished upload on the service and forget its journal."""
+    from gcsstream import jobs
     from gcsstream.engine import Uploader
 
     if debug:
         _log_http()
     journal = _journal()
-    entry, session_uri, destination, _ = _find_upload(journal, upload, claim=True)
-    with _transport_for(entry, session_uri, credentials, by_uri=_is_session_uri(upload)) as transport:
-        known = Uploader(transport).cancel(session_uri, destination)
-    if entry is not None:
-        journal.remove(entry.id)
+    found = jobs.find_upload(journal, upload, claim=True)
+    entry, destination = found.entry, found.destination
+    with _transport_for(entry, found.session_uri, credentials, by_uri=found.by_uri) as transport:
+        known = jobs.abort(journal, found, Uploader(transport))
     what = entry.id if entry else "the session"
     if json_output:
         summary = {
@@ -840,9 +796,7 @@ def abort(
         }
         print(json.dumps(summary), flush=True)
         return
-    say(
-        f"aborted {what} ({_printable(str(destination))})" if known else f"{what} was already gone; forgotten"
-    )
+    say(f"aborted {what} ({printable(str(destination))})" if known else f"{what} was already gone; forgotten")
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -852,14 +806,7 @@ def _journal() -> Journal:
     """The state directory's journal; each damaged or foreign file in it is named once on stderr."""
     from gcsstream.journal import Journal
 
-    return Journal(warn=lambda message: say(f"warning: {_printable(message)}"))
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped, so that a journal cannot drive the terminal."""
-    return "".join(
-        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text
-    )
+    return Journal(warn=lambda message: say(f"warning: {printable(message)}"))
 
 
 def _open_source(src: str) -> ChunkSource:
@@ -878,61 +825,6 @@ def _open_source(src: str) -> ChunkSource:
     return StreamSource(open(sys.stdin.fileno(), "rb", closefd=False), "standard input", close=True)
 
 
-def _check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
-    from gcsstream.journal import source_identity
-
-    identity = source_identity(source)
-    recorded = entry.source
-    if identity.get("size") != recorded.get("size") or identity.get("mtime_ns") != recorded.get("mtime_ns"):
-        raise PrefixMismatch(
-            f"{identity.get('path')} changed since upload {entry.id} started (size or modification "
-            "time differ); the session is left as it was"
-        )
-
-
-def _find_upload(
-    journal: Journal, upload: str, *, claim: bool = False
-) -> tuple[JournalEntry | None, str, ObjectURL, str]:
-    """The journal entry (if any), session URI, destination and checksum mode of an upload.
-
-    With ``claim``, the entry is locked for this process (``Busy`` if another one drives it)."""
-    if _is_session_uri(upload):
-        # A URI of one of our own uploads: use its journal (the prefix check, the destination,
-        # and forgetting it once done).
-        entry = next((e for e in journal.entries() if e.session_uri == upload), None)
-        if entry is None:
-            return None, upload, _destination_of(upload), "crc32c"
-        if claim:
-            entry = journal.claim(entry.id)
-    else:
-        try:
-            entry = journal.claim(upload) if claim else journal.load(upload)
-        except NotFoundError:
-            _raise_if_finished(journal, upload)
-            raise
-    return entry, entry.session_uri, parse_gs_url(entry.destination), entry.checksum
-
-
-class _Finished(NotFoundError):
-    """The upload asked for is not unfinished: it finished here, and created ``record``'s object."""
-
-    def __init__(self, message: str, record: Any) -> None:
-        super().__init__(message)
-        self.record = record
-
-
-def _raise_if_finished(journal: Journal, upload: str) -> None:
-    from gcsstream.history import find_finished
-
-    record = find_finished(journal, upload)
-    if record is not None:
-        raise _Finished(
-            f"upload {upload} has finished: it created {_printable(record.destination)} generation "
-            f"{record.generation} (see `gcsstream status {upload}`)",
-            record,
-        ) from None
-
-
 def _print_finished(record: Any, json_output: bool) -> None:
     """``status`` of an upload that finished in this state directory: the object it created."""
     if json_output:
@@ -947,17 +839,9 @@ def _print_finished(record: Any, json_output: bool) -> None:
         print(json.dumps(summary), flush=True)
         return
     print(
-        f"{record.id} {_printable(record.destination)}: finished {_age(record.finished)} ago, "
+        f"{record.id} {printable(record.destination)}: finished {_age(record.finished)} ago, "
         f"generation {record.generation}, {record.size} bytes"
     )
-
-
-def _remember_finished(recorder: JournalRecorder | None, result: UploadResult) -> None:
-    """Keep a record of the object a journaled upload created, for ``gcsstream status ID``."""
-    from gcsstream.history import record_finished
-
-    if recorder is not None and recorder.entry is not None:
-        record_finished(recorder.journal, recorder.entry, result.resource)
 
 
 def _check_output_options(ranged: bool, checksum: str) -> None:
@@ -995,50 +879,30 @@ def _stat_line(source: ObjectURL, resource: dict[str, Any]) -> str:
 
     def field(key: str) -> str:
         value = resource.get(key)
-        return _printable(str(value)) if value not in (None, "") else "-"
+        return printable(str(value)) if value not in (None, "") else "-"
 
     from gcsstream.session import resource_int
 
     size = resource_int(resource, "size")
     shown = f"{size} bytes ({human_bytes(size)})" if size is not None else "size unknown"
     return (
-        f"{_printable(str(source))}: {shown}, generation {field('generation')}, crc32c {field('crc32c')}, "
+        f"{printable(str(source))}: {shown}, generation {field('generation')}, crc32c {field('crc32c')}, "
         f"md5 {field('md5Hash')}, {field('contentType')}, {field('storageClass')}, updated {field('updated')}"
     )
-
-
-def _destination_of(session_uri: str) -> ObjectURL:
-    """What a session URI says of its destination: the bucket, and the name when it has one."""
-    parts = urllib.parse.urlsplit(session_uri)
-    segments = parts.path.split("/")
-    try:
-        bucket = urllib.parse.unquote(segments[segments.index("b") + 1])
-    except (ValueError, IndexError):
-        raise UsageError("not a Cloud Storage upload session URI") from None
-    name = urllib.parse.parse_qs(parts.query).get("name", ["(unnamed object)"])[0]
-    return ObjectURL(bucket, name)
-
-
-def _origin(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _is_session_uri(upload: str) -> bool:
-    return upload.startswith(("http://", "https://"))
 
 
 def _transport_for(
     entry: JournalEntry | None, session_uri: str, credentials: str | None, *, by_uri: bool = False
 ) -> Transport:
-    """A transport for a session's requests. Given by its URI (``by_uri``), a session needs no
-    Google credentials unless --credentials names some: the URI is its own credential."""
+    """A transport for a session's requests (``jobs.connection_for`` says where, and with which
+    credentials), watched for an emulator."""
+    from gcsstream.jobs import connection_for
     from gcsstream.transport import Transport
 
-    endpoint = entry.endpoint if entry else _origin(session_uri)
-    transport = Transport.connect(
-        endpoint, credentials_file=credentials, anonymous=(entry is None or by_uri) and credentials is None
+    endpoint, anonymous = connection_for(
+        entry, session_uri, by_uri=by_uri, credentials=credentials is not None
     )
+    transport = Transport.connect(endpoint, credentials_file=credentials, anonymous=anonymous)
     _watch_for_emulator(transport)
     return transport
 
@@ -1065,33 +929,6 @@ def _watch_for_emulator(transport: Transport, quiet: bool = False) -> None:
     transport.add_response_hook(_emulator_notice[0])
 
 
-def _probe(entry: JournalEntry, credentials: str | None) -> str:
-    """'held', 'finished' or 'gone' for a journal entry, asking the service."""
-    from gcsstream.engine import Uploader
-
-    if entry.expired:
-        return "gone"
-    try:
-        with _transport_for(entry, entry.session_uri, credentials) as transport:
-            state = Uploader(transport, UploadOptions(retry_deadline=10)).session_status(
-                entry.session_uri, parse_gs_url(entry.destination)
-            )
-    except NotFoundError:
-        return "gone"
-    return "held" if isinstance(state, int) else "finished"
-
-
-def _entry_summary(entry: JournalEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "destination": entry.destination,
-        "held": entry.persisted,
-        "age_seconds": round(time.time() - entry.created),
-        "source": entry.source,
-        "expired": entry.expired,
-    }
-
-
 def _age(created: float) -> str:
     seconds = time.time() - created
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -1102,44 +939,20 @@ def _age(created: float) -> str:
 
 def _resumable(recorder: JournalRecorder | None, run: Callable[[], T]) -> T:
     """Run an upload; if it stops short, say what is stored and how to continue."""
+    from gcsstream import jobs
+
     try:
         return run()
     except KeyboardInterrupt:
-        raise _journaled(Interrupted(_stopped("interrupted", recorder)), recorder) from None
+        raise jobs.stopped(Interrupted, "interrupted", recorder) from None
     except _SigTerm as stop:
         error, word = _STOPPED_BY[stop.signum]
-        raise _journaled(error(_stopped(word, recorder)), recorder) from None
+        raise jobs.stopped(error, word, recorder) from None
     except TransientError as exc:
-        raise _journaled(TransientError(_stopped(str(exc), recorder)), recorder) from None
+        raise jobs.stopped(TransientError, str(exc), recorder) from None
     except GcsstreamError as exc:
-        _journaled(exc, recorder)  # the same error, now naming its upload
+        jobs.name_unfinished(exc, recorder)  # the same error, now naming its upload
         raise
-
-
-def _journaled(error: GcsstreamError, recorder: JournalRecorder | None) -> GcsstreamError:
-    """``error``, naming the journaled upload it left unfinished (for ``--json``'s "upload")."""
-    if recorder is not None and recorder.entry is not None and not recorder.done:
-        error.upload_id = recorder.entry.id
-    return error
-
-
-def _resume_command(entry: JournalEntry) -> str:
-    return f"... | gcsstream resume {entry.id} -" if entry.is_stream else f"gcsstream resume {entry.id}"
-
-
-def _stopped(reason: str, recorder: JournalRecorder | None) -> str:
-    entry = recorder.entry if recorder else None
-    if entry is None:
-        return f"{reason}; nothing was stored"
-    again = _resume_command(entry)
-    # What the service last confirmed: it may hold more (a chunk whose answer was cut off).
-    stored = (
-        f"at least {entry.persisted} bytes ({human_bytes(entry.persisted)}) are stored "
-        "(confirmed by the service)"
-        if entry.persisted
-        else "the service had confirmed no byte yet"
-    )
-    return f"{reason}; {stored}; continue with: {again}"
 
 
 def _finished(
@@ -1152,7 +965,9 @@ def _finished(
     gzip: bool,
 ) -> None:
     """A completed put or resume: remember what it created, then say so."""
-    _remember_finished(recorder, result)
+    from gcsstream.jobs import remember_finished
+
+    remember_finished(recorder, result.resource)
     note = " of the gzip-compressed bytes stored" if gzip else ""
     _report(result, json_output, quiet, note, resumed_at, recorder)
 
@@ -1253,13 +1068,14 @@ def _failure_summary(message: str, code: int, error: Exception | None) -> dict[s
         if error.pid:
             summary["driven_by"] = error.pid
         return summary
+    from gcsstream.jobs import resumable_after, resume_command
     from gcsstream.journal import Journal
 
     with contextlib.suppress(GcsstreamError):
         entry = Journal(warn=lambda _: None).load(upload_id)
         summary["held"] = entry.persisted
-        if isinstance(error, (TransientError, Interrupted, PrefixMismatch)):
-            summary["resume"] = _resume_command(entry)
+        if resumable_after(error):
+            summary["resume"] = resume_command(entry)
     return summary
 
 

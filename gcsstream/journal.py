@@ -36,12 +36,14 @@ from typing import Any
 
 from gcsstream.errors import Busy, NotFoundError, UsageError
 from gcsstream.options import CHECKSUM_MODES, origin, parse_gs_url
-from gcsstream.sources import ChunkSource, FileSource, ProducerSource
 
 #: Sessions live for up to a week on the service.
 SESSION_LIFETIME = 7 * 24 * 3600
 #: A journal entry is a few hundred bytes; anything far larger is not one of ours.
 MAX_ENTRY_BYTES = 64 * 1024
+#: The entry format this gcsstream writes. 1: no ``schema`` field (before parts); 2: parts of
+#: parallel uploads. An entry of a newer schema is skipped, never rewritten or removed.
+SCHEMA = 2
 _ID_RE = re.compile(r"^[0-9a-f]{1,32}$")
 
 log = logging.getLogger("gcsstream.journal")
@@ -86,6 +88,90 @@ class UploadSettings:
         return found
 
 
+def part_prefix(object_name: str, upload_id: str) -> str:
+    """Where a parallel upload's temporary objects live, beside its destination:
+    ``OBJECT.gcsstream-parts/ID/``. A journal naming any other object as a part is refused, so
+    that cleaning parts up can never delete an object of the user's."""
+    return f"{object_name}.gcsstream-parts/{upload_id}/"
+
+
+@dataclass(frozen=True)
+class FinishedPart:
+    """A part of a parallel upload that is stored, as a temporary object, and verified."""
+
+    index: int
+    #: Where its bytes start in the whole stream.
+    offset: int
+    size: int
+    #: CRC32C of its bytes (checked against the re-read stream before it is skipped on resume).
+    crc32c: int
+    #: The temporary object (under ``part_prefix``) and its generation.
+    name: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class RunningPart:
+    """A part of a parallel upload whose resumable session was open when the entry was written."""
+
+    index: int
+    offset: int
+    name: str
+    #: Its session: a credential, like the entry's own.
+    session_uri: str
+
+
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parts_from_json(data: dict[str, Any], entry_id: str) -> tuple[list[FinishedPart], list[RunningPart]]:
+    """The validated parts of an entry: each field typed, names under the destination's
+    ``part_prefix``, sessions on the endpoint, indexes and offsets in order and no part overlapping
+    the next (running parts fill the gaps between finished ones)."""
+    prefix = part_prefix(parse_gs_url(data["destination"]).name, entry_id)
+    found: list[FinishedPart | RunningPart] = []
+    for key, kind in (("parts", FinishedPart), ("running", RunningPart)):
+        listed = data.get(key, [])
+        if not isinstance(listed, list):
+            raise ValueError(f"{key!r} is not a list")
+        names = set(kind.__dataclass_fields__)
+        previous = -1
+        for item in listed:
+            if not isinstance(item, dict) or set(item) != names:
+                raise ValueError(f"{key!r} holds something that is not a part")
+            for name in names - {"name", "session_uri"}:
+                if not _non_negative_int(item[name]):
+                    raise ValueError(f"a part's {name!r} is not a non-negative integer")
+            if not isinstance(item["name"], str) or not (
+                item["name"].startswith(prefix) and len(item["name"]) > len(prefix)
+            ):
+                raise ValueError(f"a part's object is not under {prefix!r}")
+            if kind is FinishedPart and not (item["size"] > 0 and item["crc32c"] < 1 << 32):
+                raise ValueError("a part's size or crc32c is out of range")
+            if kind is RunningPart and not (
+                isinstance(item["session_uri"], str)
+                and item["session_uri"].startswith(("http://", "https://"))
+                and origin(item["session_uri"]) == origin(data["endpoint"])
+            ):
+                raise ValueError("a running part's session URI is not on its endpoint")
+            if item["index"] <= previous:
+                raise ValueError(f"{key!r} are not in order")
+            previous = item["index"]
+            found.append(kind(**item))
+    found.sort(key=lambda part: part.index)
+    for part, after in zip(found, found[1:], strict=False):
+        if after.index == part.index:
+            raise ValueError(f"part {part.index} is both finished and running")
+        end = part.offset + part.size if isinstance(part, FinishedPart) else part.offset + 1
+        if after.offset < end:
+            raise ValueError(f"part {after.index} overlaps part {part.index} or is out of order")
+    return (
+        [p for p in found if isinstance(p, FinishedPart)],
+        [p for p in found if isinstance(p, RunningPart)],
+    )
+
+
 @dataclass
 class JournalEntry:
     """One unfinished upload, with the settings it was started with."""
@@ -107,6 +193,12 @@ class JournalEntry:
     persisted_crc32c: int = 0
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    #: The format of the entry (``SCHEMA``); one read from an older schema is upgraded in memory.
+    schema: int = SCHEMA
+    #: A parallel upload's finished parts, in order, and its parts still running; both empty
+    #: for an upload through one session.
+    parts: list[FinishedPart] = field(default_factory=list)
+    running: list[RunningPart] = field(default_factory=list)
 
     @property
     def is_stream(self) -> bool:
@@ -134,6 +226,18 @@ class JournalEntry:
         if not isinstance(data, dict):
             raise ValueError(f"not a JSON object but a {type(data).__name__}")
         data = dict(data)
+        schema = data.pop("schema", 1)
+        if not _non_negative_int(schema) or schema < 1:
+            raise ValueError("'schema' is not a positive integer")
+        if schema > SCHEMA:
+            raise ValueError(
+                f"it was written by a newer gcsstream (journal schema {schema}; this one reads up to "
+                f"{SCHEMA}): use that version to resume it; it is left as it is"
+            )
+        if schema < 2:  # before parts: they are unknown fields there, as they were then
+            for key in ("parts", "running"):
+                if key in data:
+                    raise ValueError(f"unknown field {key!r}")
         if "gzip" not in data and isinstance(data.get("source"), dict):  # journals before 0.x
             data["gzip"] = bool(data["source"].get("gzip"))
         ints = {"chunk_size", "persisted", "persisted_crc32c"}
@@ -195,19 +299,8 @@ class JournalEntry:
             and isinstance(source.get("mtime_ns"), int)
         ):
             raise ValueError("'source' is not a file's path, size and mtime")
-        return cls(**data)
-
-
-@dataclass
-class Continuation:
-    """What ``put`` of a file should do about earlier unfinished uploads of it (``Journal.plan``)."""
-
-    #: The entry to continue (locked by this process), or None: start a new session.
-    entry: JournalEntry | None = None
-    #: Entries of the same upload with the same settings to cancel first (--restart; locked).
-    replace: list[JournalEntry] = field(default_factory=list)
-    #: Entries left as they are, with the settings that differ (or the process driving them).
-    left: list[tuple[JournalEntry, str]] = field(default_factory=list)
+        data["parts"], data["running"] = _parts_from_json(data, entry_id)
+        return cls(**data, schema=SCHEMA)
 
 
 class EntryLock:
@@ -421,54 +514,6 @@ class Journal:
             prefix = f"the journal {path} is not used: "
             self._warn(why if why.startswith(prefix) else f"{prefix}{why}")
 
-    def find_for_file(self, destination: str, path: str, size: int, mtime_ns: int) -> list[JournalEntry]:
-        """The unfinished uploads of this same, unchanged file to this destination."""
-        found = []
-        for entry in self.entries():
-            src = entry.source
-            if (
-                entry.destination == destination
-                and src.get("kind") == "file"
-                and src.get("path") == path
-                and src.get("size") == size
-                and src.get("mtime_ns") == mtime_ns
-                and not entry.expired
-            ):
-                found.append(entry)
-        return found
-
-    def plan(
-        self, candidates: list[JournalEntry], settings: UploadSettings, *, restart: bool
-    ) -> Continuation:
-        """Decide which earlier upload of a file a new run continues: only one with exactly the
-        same settings (destination, endpoint, every object option), and only one no other
-        process drives. An entry with other settings is left as it is; one driven by another
-        process raises ``Busy``, unless ``restart`` (then this run starts its own session)."""
-        plan = Continuation()
-        for entry in candidates:
-            differ = entry.settings.differences(settings)
-            if differ:
-                plan.left.append((entry, ", ".join(differ) + " differ"))
-                continue
-            try:
-                self.lock(entry.id)
-            except Busy as exc:
-                if not restart:
-                    for held in (plan.entry, *plan.replace):
-                        if held is not None:
-                            self.unlock(held.id)
-                    raise
-                plan.left.append((entry, f"process {exc.pid} is driving it"))
-                continue
-            if restart:
-                plan.replace.append(entry)
-            elif plan.entry is None:
-                plan.entry = entry
-            else:  # a second upload of this file (one started beside a driven one): left, named
-                self.unlock(entry.id)
-                plan.left.append((entry, f"upload {plan.entry.id} of the same file is continued instead"))
-        return plan
-
     # -- locks ------------------------------------------------------------------------------------
 
     def lock(self, entry_id: str) -> EntryLock:
@@ -535,19 +580,6 @@ class Journal:
             os.close(fd)
         return None
 
-    def claim(self, entry_id: str) -> JournalEntry:
-        """Lock an entry for this process and load it (refused with ``Busy`` if another drives it)."""
-        self._path(entry_id)  # not an id: NotFoundError before any file is made
-        self.check_directory()  # before a lock file is made in it
-        if not self._path(entry_id).exists():
-            raise NotFoundError(f"no unfinished upload with id {entry_id!r} (see `gcsstream sessions`)")
-        self.lock(entry_id)
-        try:
-            return self.load(entry_id)
-        except BaseException:
-            self.unlock(entry_id)
-            raise
-
     def _path(self, entry_id: str) -> Path:
         if not _ID_RE.match(entry_id or ""):
             raise NotFoundError(f"{entry_id!r} is not an upload id (see `gcsstream sessions`)")
@@ -573,30 +605,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def source_identity(source: ChunkSource) -> dict[str, Any]:
-    """What the journal records of a source: a file's path, size and mtime, or "a stream"."""
-    if isinstance(source, FileSource):
-        return {
-            "kind": "file",
-            "path": os.path.abspath(source.path),
-            "size": source.size,
-            "mtime_ns": source.mtime_ns,
-        }
-    if isinstance(source, ProducerSource):
-        return {"kind": "stream", "exec": source.command}
-    return {"kind": "stream"}
-
-
-def resume_conflicts(entry: JournalEntry, *, endpoint: str | None) -> None:
-    """Refuse options that contradict the journal of an upload being resumed (its session fixed
-    them); ``endpoint`` None means "not given"."""
-    if endpoint is not None and origin(endpoint.rstrip("/")) != origin(entry.endpoint):
-        raise UsageError(
-            f"upload {entry.id} was started on {entry.endpoint}; it cannot continue on {endpoint} "
-            "(resume uses the journal's endpoint: drop --endpoint)"
-        )
 
 
 def replace_privately(path: Path, data: bytes, *, durable: bool) -> None:
@@ -625,7 +633,7 @@ class JournalRecorder:
     """Keeps a journal entry in step with an upload (the engine's ``SessionRecorder``).
 
     For a new upload the entry is created (and locked) when the session exists, before the first
-    byte is sent; for a resumed one it is the existing entry, locked by ``Journal.claim``.
+    byte is sent; for a resumed one it is the existing entry, locked by ``jobs.claim_entry``.
 
     Confirmed offsets are written by a background thread, so that the two fsyncs of an update
     never delay the next chunk's send: the write for chunk k overlaps the sending of chunk k+1,

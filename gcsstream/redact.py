@@ -1,4 +1,4 @@
-"""Keep credentials out of everything gcsstream prints or logs.
+"""Keep credentials (and terminal control characters) out of everything gcsstream prints or logs.
 
 A session URI is a bearer credential (whoever has it can write the object) and so is an access
 token. Every message and every log record passes through ``redact`` on its way out.
@@ -31,3 +31,11 @@ class RedactingFilter(logging.Filter):
         message = redact(record.getMessage())
         record.msg, record.args = message, None
         return True
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so that a journal or a server's answer cannot
+    drive the terminal it is printed on."""
+    return "".join(
+        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text
+    )

@@ -314,3 +314,103 @@ def test_a_cancelled_journaled_upload_names_no_dead_session(server, opts, state_
     assert caught.value.session_uri is None and caught.value.upload_id is None
     assert [s.cancelled for s in server.sessions()] == [True]
     assert not list(state_dir.glob("*.json"))
+
+
+def _interrupted(server, call) -> gcsstream.TransientError:
+    """Run ``call`` with every chunk after the second refused, until its retries run out."""
+    server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
+    with pytest.raises(gcsstream.TransientError) as caught:
+        call()
+    server.faults = FaultPlan()
+    return caught.value
+
+
+def _last_seq(server) -> int:
+    return max((r.seq for r in server.requests), default=0)
+
+
+def _sent_since(server, seq: int) -> int:
+    """The bytes of the chunks sent after request ``seq`` (the interrupted run's are recorded late)."""
+    return sum(r.bytes_received for r in server.requests if r.kind in ("chunk", "final") and r.seq > seq)
+
+
+def test_library_resumes_a_file_by_journal_id_only_from_the_same_unchanged_file(
+    server, opts, tmp_path, state_dir
+):
+    """resume=ID holds the library to gcsstream resume's rules: the file must be the one the
+    journal names, unchanged (size and modification time), before any byte is sent."""
+    src = tmp_path / "src.bin"
+    data = os.urandom(5 * CHUNK + 9)
+    src.write_bytes(data)
+    url = f"gs://{BUCKET}/by-id"
+    err = _interrupted(server, lambda: gcsstream.upload(src, url, journal=True, retry_deadline=0.5, **opts))
+    assert err.upload_id
+    recorded = os.stat(src).st_mtime_ns
+    os.utime(src, ns=(recorded, recorded + 5_000_000_000))  # the same bytes, touched
+    requests_before = len(server.requests)
+    with pytest.raises(gcsstream.IntegrityError, match=f"changed since upload {err.upload_id}"):
+        gcsstream.upload(src, url, resume=err.upload_id)
+    assert len(server.requests) == requests_before  # refused before asking the service anything
+    os.utime(src, ns=(recorded, recorded))
+    before = _last_seq(server)
+    result = gcsstream.upload(src, url, resume=err.upload_id)
+    resource = assert_stored(server, BUCKET, "by-id", data)
+    assert result.crc32c == resource["crc32c"] == crc32c_b64(data) and result.size == len(data)
+    assert _sent_since(server, before) <= len(data) - 2 * CHUNK  # the held prefix is not resent
+    assert [p.name for p in state_dir.iterdir()] == ["finished"] and len(server.sessions()) == 1
+
+
+@pytest.mark.parametrize("api", ["open_upload", "aio"])
+def test_library_resumes_a_journaled_upload_by_its_session_uri(server, opts, state_dir, api):
+    """resume=SESSION_URI of a journaled upload uses its journal, as gcsstream resume URI does:
+    the held prefix is checked against it, and the entry is forgotten once the object exists."""
+    data = os.urandom(6 * CHUNK + 1)
+    url = f"gs://{BUCKET}/by-uri-{api}"
+
+    def first() -> None:
+        with gcsstream.open_upload(url, journal=True, retry_deadline=0.5, **opts) as up:
+            up.write(data)
+
+    err = _interrupted(server, first)
+    assert err.upload_id and err.session_uri and "upload_id=" in err.session_uri
+    wrong = bytes([data[0] ^ 1]) + data[1:]
+    with pytest.raises(gcsstream.IntegrityError), gcsstream.open_upload(url, resume=err.session_uri) as up:
+        up.write(wrong)
+    assert [p.stem for p in state_dir.glob("*.json")] == [err.upload_id]  # left as it was
+    if api == "aio":
+
+        async def pieces():
+            for i in range(0, len(data), 100_000):
+                yield data[i : i + 100_000]
+
+        result = asyncio.run(gcsstream.aio.upload(pieces(), url, resume=err.session_uri))
+    else:
+        with gcsstream.open_upload(url, resume=err.session_uri) as up:
+            shutil.copyfileobj(io.BytesIO(data), up, length=65536)
+        result = up.result
+    resource = assert_stored(server, BUCKET, f"by-uri-{api}", data)
+    assert result.crc32c == resource["crc32c"] == crc32c_b64(data) and result.size == len(data)
+    assert [p.name for p in state_dir.iterdir()] == ["finished"]
+    assert [p.stem for p in (state_dir / "finished").iterdir()] == [err.upload_id]
+    assert len(server.sessions()) == 1
+
+
+def test_library_resumes_a_bare_session_uri_named_by_resume(server, opts, state_dir):
+    """A session URI no journal knows (handed out by another process) is continued like
+    session_uri=: no journal, the whole stream again, the held prefix skipped, not resent."""
+    data = os.urandom(4 * CHUNK + 3)
+    url = f"gs://{BUCKET}/bare"
+    err = _interrupted(server, lambda: gcsstream.upload(data, url, retry_deadline=0.5, **opts))
+    assert err.session_uri and err.upload_id is None
+    with pytest.raises(
+        gcsstream.UsageError, match="the session writes the bucket lib, not gs://elsewhere/bare"
+    ):
+        gcsstream.upload(data, "gs://elsewhere/bare", resume=err.session_uri)
+    with pytest.raises(gcsstream.UsageError, match="do not pass metadata"):
+        gcsstream.upload(data, url, resume=err.session_uri, metadata={"k": "v"})
+    before = _last_seq(server)
+    result = gcsstream.upload(data, url, resume=err.session_uri, chunk_size=CHUNK)
+    resource = assert_stored(server, BUCKET, "bare", data)
+    assert result.crc32c == resource["crc32c"] == crc32c_b64(data) and result.size == len(data)
+    assert _sent_since(server, before) <= len(data) - 2 * CHUNK  # the held prefix is not resent
+    assert not state_dir.exists() and len(server.sessions()) == 1

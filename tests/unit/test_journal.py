@@ -4,14 +4,13 @@ entry is, and one holder per entry (the lock is per open file, so one process sh
 from __future__ import annotations
 
 import json
-import os
-import stat
 import threading
 
 import pytest
 
 from gcsstream import journal as journal_module
-from gcsstream.errors import Busy, NotFoundError, UsageError
+from gcsstream.errors import Busy, UsageError
+from gcsstream.jobs import claim_entry
 from gcsstream.journal import Journal, JournalEntry, JournalRecorder, UploadSettings
 
 ENDPOINT = "http://127.0.0.1:9"
@@ -63,40 +62,6 @@ def test_differences_name_every_setting_that_differs():
     ]
 
 
-def test_plan_continues_only_an_entry_with_the_same_settings(tmp_path):
-    journal = Journal(tmp_path / "state")
-    same = journal.new_entry(**entry_fields(settings()))
-    other = journal.new_entry(**entry_fields(settings(if_generation_match=0)))
-    journal.unlock_all()
-    plan = journal.plan([other, same], settings(), restart=False)
-    assert plan.entry is same and plan.replace == []
-    assert [(e.id, why) for e, why in plan.left] == [
-        (other.id, "precondition (--no-clobber, --if-generation-match) differ")
-    ]
-    journal.unlock_all()
-    plan = journal.plan([same], settings(), restart=True)
-    assert plan.entry is None and plan.replace == [same]
-
-
-def test_an_entry_has_one_holder(tmp_path):
-    first, second = Journal(tmp_path / "state"), Journal(tmp_path / "state")
-    entry = first.new_entry(**entry_fields(settings()))  # locked from the moment it exists
-    lock = tmp_path / "state" / f"{entry.id}.lock"
-    assert stat.S_IMODE(lock.stat().st_mode) == 0o600 and lock.read_text() == f"{os.getpid()}\n"
-    with pytest.raises(Busy, match=f"upload {entry.id} is being driven by process {os.getpid()}"):
-        second.claim(entry.id)
-    with pytest.raises(Busy):
-        second.plan([entry], settings(), restart=False)
-    plan = second.plan([entry], settings(), restart=True)  # leaves it to its driver
-    assert plan.entry is None and plan.replace == [] and plan.left[0][0] is entry
-    assert second.holder(entry.id) == os.getpid()
-    first.unlock_all()
-    assert second.holder(entry.id) is None
-    assert second.claim(entry.id).id == entry.id
-    second.remove(entry.id)
-    assert list((tmp_path / "state").iterdir()) == []
-
-
 @pytest.mark.parametrize(
     ("change", "why"),
     [
@@ -134,14 +99,6 @@ def test_a_journal_without_the_newer_fields_still_loads():
     assert entry.gzip and entry.if_generation_match is None
 
 
-def test_an_id_that_is_not_one_is_refused_before_any_file_is_touched(tmp_path):
-    journal = Journal(tmp_path / "state")
-    for bad in ("../x", "", "ABC", "12/34"):
-        with pytest.raises(NotFoundError):
-            journal.claim(bad)
-    assert not (tmp_path / "state").exists()
-
-
 def test_a_session_uri_with_the_default_port_spelled_out_is_on_its_endpoint():
     """The same origin the transport will send to: ``https://Host:443`` is ``https://host``."""
     data = {
@@ -150,19 +107,6 @@ def test_a_session_uri_with_the_default_port_spelled_out_is_on_its_endpoint():
         "session_uri": "https://STORAGE.example:443/upload/storage/v1/b/bkt/o?upload_id=abc",
     }
     assert JournalEntry.from_json(data, "00000003").session_uri.startswith("https://STORAGE.example:443/")
-
-
-def test_plan_leaves_a_second_upload_of_the_same_file_alone_without_restart(tmp_path):
-    """Two entries with the same settings (one started by --restart beside a driven upload):
-    a plain run continues one and leaves the other, named; only --restart replaces them."""
-    journal = Journal(tmp_path / "state")
-    first = journal.new_entry(**entry_fields(settings()))
-    second = journal.new_entry(**entry_fields(settings()))
-    journal.unlock_all()
-    plan = journal.plan([first, second], settings(), restart=False)
-    assert plan.entry is first and plan.replace == []
-    assert [e.id for e, _ in plan.left] == [second.id]
-    Journal(tmp_path / "state").lock(second.id)  # not held by the planning process
 
 
 class _HeldWrites(Journal):
@@ -266,7 +210,7 @@ def test_a_write_that_outlasts_the_timeout_does_not_bring_a_finished_entry_back(
     assert journal.writing.wait(5)
     recorder.finished()  # gives up waiting; the lock stays held until the write has ended
     with pytest.raises(Busy):
-        Journal(tmp_path / "state").claim(recorder.entry.id)
+        claim_entry(Journal(tmp_path / "state"), recorder.entry.id)
     journal.gate.set()
     assert recorder._writer is not None
     monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 10.0)
@@ -286,3 +230,151 @@ def test_any_failure_of_a_journal_write_stops_the_upload(tmp_path, monkeypatch):
     recorder.persisted(262144, 7)
     with pytest.raises(UsageError, match="cannot write the journal: Out of range"):
         recorder.flush()
+
+
+# -- the schema, and the parts of parallel uploads ---------------------------------------------------
+
+PREFIX = "o.gcsstream-parts/0000000a/"
+
+
+def parallel_entry(**changes) -> dict:
+    """A schema-2 entry of a parallel upload: parts 0 and 2 stored, part 1 running."""
+    s = settings()
+    return {
+        "id": "0000000a",
+        **entry_fields(s),
+        "source": {"kind": "stream"},
+        "schema": 2,
+        "parts": [
+            {"index": 0, "offset": 0, "size": 100, "crc32c": 7, "name": PREFIX + "000000", "generation": 5},
+            {
+                "index": 2,
+                "offset": 200,
+                "size": 50,
+                "crc32c": 2**32 - 1,
+                "name": PREFIX + "000002",
+                "generation": 6,
+            },
+        ],
+        "running": [
+            {
+                "index": 1,
+                "offset": 100,
+                "name": PREFIX + "000001",
+                "session_uri": f"{s.endpoint}/upload?upload_id=p1",
+            }
+        ],
+        **changes,
+    }
+
+
+def test_an_entry_without_a_schema_is_schema_1_and_reads_as_before(tmp_path):
+    data = {"id": "00000004", **entry_fields(settings())}
+    entry = JournalEntry.from_json(data, "00000004")
+    assert (entry.schema, entry.parts, entry.running) == (journal_module.SCHEMA, [], [])
+    with pytest.raises(ValueError, match="unknown field 'parts'"):  # parts came with schema 2
+        JournalEntry.from_json({**data, "parts": []}, "00000004")
+
+
+def test_an_entry_of_a_newer_schema_is_skipped_and_left_alone(tmp_path):
+    from gcsstream import jobs
+
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    path = tmp_path / "state" / "0000000b.json"
+    data = {"id": "0000000b", **entry_fields(settings()), "schema": 3, "stripes": [{"what": "ever"}]}
+    path.write_text(json.dumps(data))
+    before = path.read_bytes()
+    with pytest.raises(
+        UsageError, match=r"is not used: it was written by a newer gcsstream \(journal schema 3"
+    ):
+        journal.load("0000000b")
+    warnings: list[str] = []
+    assert Journal(tmp_path / "state", warn=warnings.append).entries() == []
+    assert len(warnings) == 1 and "written by a newer gcsstream" in warnings[0]
+    for claim in (False, True):  # status, resume and abort find it only to refuse it
+        with pytest.raises(UsageError, match="written by a newer gcsstream"):
+            jobs.find_upload(journal, "0000000b", claim=claim)
+    assert list(jobs.prune(journal, journal.entries(), connect=lambda e: None)) == []  # type: ignore[arg-type,return-value]
+    assert path.read_bytes() == before
+    assert [p.name for p in (tmp_path / "state").glob("*.json")] == ["0000000b.json"]
+    assert Journal(tmp_path / "state").holder("0000000b") is None  # a refused claim holds nothing
+
+
+@pytest.mark.parametrize("schema", ["2", True, 0, -1, 2.0])
+def test_a_schema_that_is_not_a_positive_integer_is_refused(schema):
+    with pytest.raises(ValueError, match="'schema' is not a positive integer"):
+        JournalEntry.from_json({**parallel_entry(), "schema": schema}, "0000000a")
+
+
+def test_an_entry_with_parts_round_trips_through_its_file(tmp_path):
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    entry = JournalEntry.from_json(parallel_entry(), "0000000a")
+    assert [p.index for p in entry.parts] == [0, 2] and entry.running[0].session_uri.endswith("p1")
+    assert entry.parts[1] == journal_module.FinishedPart(2, 200, 50, 2**32 - 1, PREFIX + "000002", 6)
+    journal.write(entry)
+    loaded = journal.load(entry.id)
+    assert loaded == entry and isinstance(loaded.parts[0], journal_module.FinishedPart)
+    written = json.loads((tmp_path / "state" / "0000000a.json").read_text())
+    assert written["schema"] == 2 and written["parts"] == parallel_entry()["parts"]
+    plain = JournalEntry.from_json({"id": "0000000c", **entry_fields(settings())}, "0000000c")
+    journal.write(plain)
+    assert journal.load("0000000c") == plain and (plain.parts, plain.running) == ([], [])
+
+
+def _part(n: int, **changes) -> dict:
+    return {**parallel_entry()["parts"][n], **changes}
+
+
+_RUNNING = parallel_entry()["running"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"parts": {"0": 1}}, "'parts' is not a list"),
+        ({"parts": [[0, 0, 100]]}, "'parts' holds something that is not a part"),
+        ({"parts": [{**_part(0), "extra": 1}]}, "'parts' holds something that is not a part"),
+        ({"parts": [_part(0, size=-100)]}, "a part's 'size' is not a non-negative integer"),
+        ({"parts": [_part(0, size="100")]}, "a part's 'size' is not a non-negative integer"),
+        ({"parts": [_part(0, generation=True)]}, "a part's 'generation' is not a non-negative integer"),
+        ({"parts": [_part(0, size=0)]}, "a part's size or crc32c is out of range"),
+        ({"parts": [_part(0, crc32c=2**32)]}, "a part's size or crc32c is out of range"),
+        ({"parts": [_part(0, name="o")]}, "a part's object is not under"),
+        ({"parts": [_part(0, name="other")]}, "a part's object is not under"),
+        ({"parts": [_part(0, name=PREFIX)]}, "a part's object is not under"),
+        ({"parts": [_part(0, name="o.gcsstream-parts/0000000f/000000")]}, "a part's object is not under"),
+        ({"parts": [_part(0, name=5)]}, "a part's object is not under"),
+        ({"parts": [_part(1), _part(0)]}, "'parts' are not in order"),
+        (
+            {"parts": [_part(0), _part(1, offset=99)], "running": []},
+            "part 2 overlaps part 0 or is out of order",
+        ),
+        (
+            {"parts": [_part(0, index=3), _part(1, index=4, offset=50)], "running": []},
+            "part 4 overlaps part 3",
+        ),
+        ({"running": [{**_RUNNING, "offset": 250}]}, "part 2 overlaps part 1 or is out of order"),
+        ({"running": [{**_RUNNING, "index": 2}]}, "part 2 is both finished and running"),
+        (
+            {"running": [{**_RUNNING, "session_uri": "https://attacker.example/u"}]},
+            "session URI is not on its endpoint",
+        ),
+        ({"running": [{**_RUNNING, "session_uri": None}]}, "session URI is not on its endpoint"),
+        ({"running": [{**_RUNNING, "name": "o.bak"}]}, "a part's object is not under"),
+        ({"running": "none"}, "'running' is not a list"),
+    ],
+)
+def test_parts_that_are_not_well_formed_make_the_entry_unused(tmp_path, change, why):
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    path = tmp_path / "state" / "0000000a.json"
+    path.write_text(json.dumps(parallel_entry()))
+    assert journal.load("0000000a").parts  # the same entry, well formed, is used
+    path.write_text(json.dumps(parallel_entry(**change)))
+    with pytest.raises(UsageError, match="is not used: .*" + why.replace("(", r"\(").replace(")", r"\)")):
+        journal.load("0000000a")
+    warnings: list[str] = []
+    assert Journal(tmp_path / "state", warn=warnings.append).entries() == []
+    assert len(warnings) == 1
