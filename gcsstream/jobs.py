@@ -202,6 +202,11 @@ def check_file_unchanged(entry: JournalEntry, source: ChunkSource) -> None:
     """Refuse (``PrefixMismatch``) to continue a file's upload from anything but that file, unchanged."""
     identity = source_identity(source)
     recorded = entry.source
+    if identity.get("kind") != "file":
+        raise PrefixMismatch(
+            f"upload {entry.id} read the file {printable(str(recorded.get('path')))}, not a stream: "
+            "continue it from that file, unchanged; the session is left as it was"
+        )
     if identity.get("size") != recorded.get("size") or identity.get("mtime_ns") != recorded.get("mtime_ns"):
         raise PrefixMismatch(
             f"{identity.get('path')} changed since upload {entry.id} started (size or modification "

@@ -170,8 +170,8 @@ def test_a_file_upload_continues_only_from_the_same_unchanged_file(journal, data
         pytest.raises(PrefixMismatch, match=f"changed since upload {entry.id}"),
     ):
         job.check_source(touched)
-    with pytest.raises(PrefixMismatch):  # a stream is not that file
-        job.check_source(IterableSource([b"x"]))
+    with pytest.raises(PrefixMismatch, match=f"upload {entry.id} read the file {data_file}, not a stream"):
+        job.check_source(IterableSource([b"x"]))  # a stream is not that file (said plainly)
 
 
 def test_a_stream_must_be_supplied_again_and_is_checked_by_its_prefix_only(journal):
