@@ -106,6 +106,8 @@ MAX_COMPOSE_SOURCES = 32
 NOT_RESUMABLE = "a parallel upload cannot be resumed: run it again"
 _NAMED = 10  # temporary objects named one by one in the line about leftovers; then a count
 _POLL = 0.5  # seconds between checks while the reader waits (each wait is bounded)
+#: Seconds a failed or interrupted run gives its workers to end once their sessions are cancelled.
+_STOP_GRACE = 2.0
 
 
 class _Aborted(Exception):
@@ -307,6 +309,8 @@ class _Run:
         self.read = 0
         self.expected = self.opts.expected_size if self.opts.expected_size is not None else source.size
         self.confirmed: dict[int, int] = {}
+        #: Parts being uploaded: their sessions, cancelled from here if the run stops.
+        self.live: dict[int, tuple[_PartSession, ObjectURL]] = {}
         self.sent: dict[int, int] = {}
 
     # -- the whole run --------------------------------------------------------------------------
@@ -433,14 +437,22 @@ class _Run:
 
     def _read_full(self, n: int) -> bytes:
         """``n`` bytes unless the input ends first (sources may return short reads)."""
-        data = self.source.read(n)
+        data = self._read(n)
         if len(data) == n or not data:
             return data
         pieces, have = [data], len(data)
-        while have < n and (more := self.source.read(n - have)):
+        while have < n and (more := self._read(n - have)):
             pieces.append(more)
             have += len(more)
         return b"".join(pieces)
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return self.source.read(n)
+        except GcsstreamError:
+            raise
+        except Exception as exc:  # a source that raised something unexpected, as the window says
+            raise SourceError(f"reading {self.source.description} failed: {exc}") from None
 
     def _part_job(
         self, index: int, offset: int, part: _Piece, pieces: list[bytes]
@@ -497,6 +509,8 @@ class _Run:
             kms_key=self.metadata.kms_key,
         )
         self._emit(PartStarted(index, offset, part.size))
+        with self.lock:
+            self.live[index] = (session, part.target)
         ok = False
         try:
             try:
@@ -518,6 +532,8 @@ class _Run:
                 )
             ok = True
         finally:
+            with self.lock:
+                self.live.pop(index, None)
             self._emit(PartFinished(index, part.size, ok))
 
     def _sleep_unless_aborted(self, seconds: float) -> None:
@@ -719,12 +735,12 @@ class _Run:
             raise _Transient(f"{status} from the service", retry_after_seconds(response.headers))
         if status >= 400:
             raise error_for_status(status, f"{what} failed ({status}): {service_message(response)}")
-        if status == 204 or not response.content:
-            return {}
+        if method == "DELETE" or status == 204 or not response.content:
+            return {}  # a deletion's answer says nothing more (some servers send text)
         try:
             return parse_resource(response)
         except UnreadableAnswer as exc:
-            raise _Transient(f"{what}: {exc}") from None
+            raise _Transient(str(exc)) from None
 
     # -- cleanup --------------------------------------------------------------------------------
 
@@ -737,13 +753,12 @@ class _Run:
         left: dict[str, str] = {}  # name: why it is left
         uncertain = False
         try:
-            if workers is not None:
-                self._settle()
+            if workers is not None and failed:
+                for name in self._stop_parts():
+                    left[name] = "its upload could not be cancelled"
             with self.lock:
                 pieces = list(self.temporaries)
-                uncertain = self.uncertain
-            if any(not future.done() for future in self.futures):
-                left[f"{self.prefix}*"] = "a part was still uploading"
+                uncertain = self.uncertain or bool(self.futures)
             deletions = [
                 (piece, workers.submit(self._delete_job(piece)) if workers else None) for piece in pieces
             ]
@@ -794,15 +809,28 @@ class _Run:
             f"({next(iter(left.values()))}): {shown}{more}; delete them"
         )
 
-    def _settle(self) -> None:
-        """Wait (bounded) for the workers' parts to end: an aborted part ends at its next chunk,
-        retry wait or answer."""
-        bound = self.opts.connect_timeout + self.opts.io_timeout + 5.0
-        end = self.o._clock() + bound
+    def _stop_parts(self) -> list[str]:
+        """Cancel the sessions of the parts still uploading (a cancelled session creates nothing,
+        whatever its worker is doing), then give the workers a moment to end. The parts whose
+        session could not be cancelled may still appear: their names."""
+        with self.lock:
+            live = list(self.live.values())
+        canceller = Uploader(self.transport, UploadOptions(retry_deadline=CLEANUP_RETRY_DEADLINE))
+        maybe = []
+        for session, target in live:
+            uri = session.session_uri
+            if uri is None:
+                continue  # not started: its ``started`` refuses to go on (the run is aborted)
+            try:
+                canceller.cancel(uri, target)
+            except GcsstreamError:
+                maybe.append(target.name)
+        end = self.o._clock() + _STOP_GRACE
         for future in self.futures:
             while not future.done() and self.o._clock() < end:
                 with contextlib.suppress(Exception):
-                    future.exception(timeout=_POLL)
+                    future.exception(timeout=min(_POLL, max(0.0, end - self.o._clock())))
+        return maybe
 
     def _bounded(self, future: Future[str | None]) -> str | None:
         end = self.o._clock() + CLEANUP_RETRY_DEADLINE + self.opts.io_timeout
