@@ -200,11 +200,11 @@ class ProgressState:
                 self.parts_done += event.ok
 
     def parts(self) -> str:
-        """``, 3 parts in flight, 12 stored`` for a parallel upload; "" for one stream."""
+        """``, parts: 3 in flight, 12 stored`` for a parallel upload; "" for one stream."""
         with self._lock:
             if not (self.parts_in_flight or self.parts_done):
                 return ""
-            return f", {self.parts_in_flight} parts in flight, {self.parts_done} stored"
+            return f", parts: {self.parts_in_flight} in flight, {self.parts_done} stored"
 
     def progress(self, done: int) -> None:
         """For downloads: ``done`` bytes written so far."""

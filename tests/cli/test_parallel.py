@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -161,3 +162,19 @@ def test_a_bucket_with_a_retention_policy_is_refused(server, env):
     assert [r.kind for r in server.requests] == ["bucket"] and server.list_objects("retained") == []
     r = sh("head -c 1000000 /dev/urandom | gcsstream put - gs://retained/o", env)  # one stream is fine
     assert r.returncode == 0, r.stderr
+
+
+def test_progress_lines_show_the_total_and_the_parts_in_flight(server, env, tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * QUANTUM))
+    server.faults.add(Fault("stall", on="final", nth=2, seconds=1.0))  # a moment with parts in flight
+    r = sh(f"gcsstream put {PARALLEL} --progress-interval 0.05 {src} gs://{BUCKET}/prog", env)
+    assert r.returncode == 0, r.stderr
+    assert_stored(server, BUCKET, "prog", src.read_bytes())
+    lines = unstamped(r.stderr.decode()).splitlines()
+    status = [line for line in lines if line.startswith(f"gcsstream: gs://{BUCKET}/prog: ")]
+    assert status, lines
+    pattern = re.compile(r"of 2\.0 MiB \(\d+%\) stored, rate .*, \d+ s, parts: (\d) in flight, (\d) stored$")
+    matches = [pattern.search(line) for line in status]
+    assert all(matches), status
+    assert any(int(m.group(1)) >= 1 for m in matches if m)
