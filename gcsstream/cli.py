@@ -412,7 +412,6 @@ def put(
     if parallel > 1:  # no journal: an interrupted parallel upload is not resumable yet
         from gcsstream.parallel import ParallelUploader
 
-        parts.check(options)
         rate = parse_size(limit_rate) / parallel if limit_rate else None  # shared by the connections
         connect = functools.partial(
             Transport.connect, endpoint, credentials_file=credentials, user_project=project,
@@ -420,6 +419,7 @@ def put(
         )  # fmt: skip
         state = ProgressState(str(destination))
         warn = lambda m: say(f"warning: {_printable(m)}")  # noqa: E731
+        # Built before the source is opened: what a composed object cannot honour is refused first.
         parallel_uploader = ParallelUploader(connect, options, parts, on_event=state.record, warn=warn)
         raw = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
         stream = GzipSource(raw) if gzip else raw
