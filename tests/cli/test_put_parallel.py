@@ -130,6 +130,7 @@ def test_a_signal_leaves_no_temporary_object(server, env, tmp_path, state_dir, s
         "its temporary objects were deleted\n"
     )
     assert server.list_objects(BUCKET) == []
+    assert any(r.kind == "cancel" for r in server.requests)  # the held-up part's session: dead
     assert journal_entries(state_dir) == []
 
 

@@ -272,6 +272,19 @@ def test_temporary_objects_that_cannot_be_deleted_are_named_once(server):
     assert "upload_id" not in warnings[0] and "\n" not in warnings[0]
 
 
+def test_after_a_failure_what_cannot_be_deleted_is_named_in_the_error(server):
+    server.faults.extend(
+        [Fault("status", status=400, on="compose"), Fault("status", status=403, on="delete", times=3)]
+    )
+    with pytest.raises(ServiceError) as raised:
+        put(server, os.urandom(3 * PART), "failing")
+    left = temporaries(server)
+    message = str(raised.value)
+    assert len(left) == 3 and "\n" not in message
+    assert "3 temporary object(s) of this upload could not be deleted" in message
+    assert all(f"gs://{BUCKET}/{name}" in message for name in left)
+
+
 @pytest.mark.parametrize(
     "fields",
     [{"retentionPolicy": {"retentionPeriod": "3600"}}, {"defaultEventBasedHold": True}],
