@@ -19,7 +19,8 @@ from gcsstream.errors import (
 if TYPE_CHECKING:
     from gcsstream.api import ObjectWriter, open_upload, upload
     from gcsstream.engine import Uploader, UploadResult
-    from gcsstream.options import ObjectMetadata, ObjectURL, UploadOptions, parse_gs_url
+    from gcsstream.options import ObjectMetadata, ObjectURL, ParallelOptions, UploadOptions, parse_gs_url
+    from gcsstream.parallel import ParallelUploader
     from gcsstream.sources import FileSource, IterableSource, StreamSource
     from gcsstream.transport import Transport
 
@@ -36,6 +37,8 @@ _LAZY = {
     "UploadResult": "gcsstream.engine",
     "ObjectMetadata": "gcsstream.options",
     "ObjectURL": "gcsstream.options",
+    "ParallelOptions": "gcsstream.options",
+    "ParallelUploader": "gcsstream.parallel",
     "UploadOptions": "gcsstream.options",
     "parse_gs_url": "gcsstream.options",
     "FileSource": "gcsstream.sources",
@@ -73,6 +76,8 @@ __all__ = [
     "ObjectWriter",
     "ObjectMetadata",
     "ObjectURL",
+    "ParallelOptions",
+    "ParallelUploader",
     "PreconditionError",
     "ServiceError",
     "SourceError",

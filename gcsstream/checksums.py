@@ -17,6 +17,46 @@ def crc32c_extend(value: int, data: bytes | bytearray | memoryview) -> int:
     return _crc32c.crc32c(data, value)
 
 
+_POLY = 0x82F63B78  # the Castagnoli polynomial, bit-reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """``a * b`` modulo the polynomial, both reflected (zlib's multmodp)."""
+    m = 1 << 31
+    product = 0
+    while True:
+        if a & m:
+            product ^= b
+            if not a & (m - 1):
+                return product
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _powers() -> list[int]:
+    table, p = [], 1 << 30  # x^1
+    for _ in range(32):
+        table.append(p)
+        p = _multmodp(p, p)
+    return table
+
+
+_X2N = _powers()  # x^(2^k) modulo the polynomial
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC32C of A+B from CRC32C(A), CRC32C(B) and len(B), without the bytes (zlib's
+    crc32_combine for the Castagnoli polynomial): how the parts of a parallel upload are checked
+    against the whole stream and each composed object against its sources."""
+    p, k, n = 1 << 31, 3, len2  # x^0; 2^3 bits per byte
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
 def encode_crc32c(value: int) -> str:
     """The service's form of a CRC32C: base64 of its four big-endian bytes."""
     return base64.b64encode(value.to_bytes(4, "big")).decode("ascii")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -30,11 +31,16 @@ from gcsstream.errors import (
 )
 from gcsstream.options import (
     CHECKSUM_MODES,
+    DEFAULT_PARALLEL,
+    DEFAULT_PART_SIZE,
     DEFAULT_RETRY_DEADLINE,
     ObjectMetadata,
     ObjectURL,
+    ParallelOptions,
     UploadOptions,
     check_chunk_size,
+    check_part_size,
+    format_size,
     parse_gs_url,
     parse_metadata,
     parse_size,
@@ -330,6 +336,18 @@ def put(
             "the stored, compressed bytes).",
         ),
     ] = False,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Upload N parts at once over N connections, then compose them (1: one stream). "
+            "Not resumable yet; see the README's Parallel uploads.",
+        ),
+    ] = DEFAULT_PARALLEL,
+    part_size: Annotated[
+        str,
+        typer.Option(metavar="SIZE", help="Bytes per part with --parallel: a multiple of 256KiB."),
+    ] = format_size(DEFAULT_PART_SIZE),
     limit_rate: LimitRateOpt = None,
     retry_deadline: RetryDeadlineOpt = DEFAULT_RETRY_DEADLINE,
     endpoint: EndpointOpt = None,
@@ -387,6 +405,26 @@ def put(
         metadata=parse_metadata(metadata or []),
     )
     destination = parse_gs_url(dest, default_name=None if src in ("-", "") else os.path.basename(src))
+    parts = ParallelOptions(parallel, check_part_size(parse_size(part_size)))
+    if parallel > 1:  # no journal: an interrupted parallel upload is not resumable yet
+        from gcsstream.parallel import ParallelUploader
+
+        rate = parse_size(limit_rate) / parallel if limit_rate else None  # shared by the connections
+        connect = functools.partial(
+            Transport.connect, endpoint, credentials_file=credentials, user_project=project,
+            io_timeout=io_timeout, rate_limit=rate,
+        )  # fmt: skip
+        state = ProgressState(str(destination))
+        warn = lambda m: say(f"warning: {_printable(m)}")  # noqa: E731
+        # Built before the source is opened: what a composed object cannot honour is refused first.
+        parallel_uploader = ParallelUploader(connect, options, parts, on_event=state.record, warn=warn)
+        raw = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
+        stream = GzipSource(raw) if gzip else raw
+        with connect() as transport, display(state, mode=progress, interval=progress_interval, quiet=quiet):
+            _watch_for_emulator(transport, quiet)
+            result = parallel_uploader.upload(stream, destination, object_metadata, transport=transport)
+        _finished(result, None, 0, json_output=json_output, quiet=quiet, gzip=gzip)
+        return
     journal = _journal()
     journal.check_writable()
     raw_source = ProducerSource(exec_command) if exec_command is not None else _open_source(src)

@@ -84,6 +84,8 @@ class UploadResult:
     #: The checksums compared with the service's (and sent in X-Goog-Hash): "crc32c", "md5".
     verified: tuple[str, ...]
     resource: dict[str, Any] = field(repr=False)
+    #: A parallel upload: the number of parts composed into the object (None: one stream).
+    parts: int | None = None
 
     @property
     def url(self) -> str:
@@ -104,6 +106,7 @@ class UploadResult:
             "verified": list(self.verified),
             "seconds": round(self.seconds, 3),
             "mb_per_s": round(self.bytes_per_second / 1e6, 2),
+            **({"parts": self.parts} if self.parts is not None else {}),
         }
 
 

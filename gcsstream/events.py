@@ -56,5 +56,23 @@ class UploadFinished:
     result: UploadResult
 
 
-Event = UploadStarted | ChunkSending | ChunkPersisted | Retrying | UploadFinished
+@dataclass(frozen=True)
+class PartStarted:
+    """A parallel upload began sending part ``index``: ``size`` bytes from ``offset`` of the stream."""
+
+    index: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class PartFinished:
+    """Part ``index`` of a parallel upload is stored and checked (``ok``), or failed."""
+
+    index: int
+    size: int
+    ok: bool = True
+
+
+Event = UploadStarted | ChunkSending | ChunkPersisted | Retrying | UploadFinished | PartStarted | PartFinished
 EventCallback = Callable[[Event], None]

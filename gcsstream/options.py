@@ -18,6 +18,15 @@ from gcsstream.errors import UsageError
 CHUNK_QUANTUM = 256 * 1024
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 DEFAULT_RETRY_DEADLINE = 600.0
+#: ``--parallel``: the bytes of each part, and the connections that upload parts at once.
+DEFAULT_PART_SIZE = 64 * 1024 * 1024
+DEFAULT_PARALLEL = 1
+MAX_PARALLEL = 64
+#: Seconds to keep retrying the deletion of temporary objects (a failed or interrupted run
+#: must not hang on a dead network for the whole retry deadline).
+CLEANUP_RETRY_DEADLINE = 30.0
+#: Temporary objects of a parallel upload: ``OBJECT.gcsstream-parts/RUN_ID/...``.
+PARTS_SUFFIX = ".gcsstream-parts"
 
 ChecksumMode = Literal["crc32c", "md5", "both", "none"]
 CHECKSUM_MODES: tuple[str, ...] = ("crc32c", "md5", "both", "none")
@@ -69,6 +78,15 @@ def check_chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
+def check_part_size(part_size: int) -> int:
+    """A ``--part-size`` the service accepts for every part but the last: a positive multiple of
+    256 KiB (each part is a resumable upload of its own)."""
+    try:
+        return check_chunk_size(part_size)
+    except UsageError as exc:
+        raise UsageError(str(exc).replace("chunk size", "part size", 1)) from None
+
+
 def format_size(size: int) -> str:
     """``size`` in the largest binary unit that holds it exactly, as ``parse_size`` reads it:
     786432 is ``768KiB``, 1048576 ``1MiB``, 1000 ``1000``."""
@@ -87,6 +105,15 @@ class ObjectURL:
 
     def __str__(self) -> str:
         return f"gs://{self.bucket}/{self.name}"
+
+    def parts_prefix(self, run_id: str) -> str:
+        """Where a parallel upload to this object keeps its temporary objects: the object's name,
+        ``.gcsstream-parts/`` and the run's id, so that they are recognisable and never collide."""
+        return f"{self.name}{PARTS_SUFFIX}/{run_id}/"
+
+    def temporary(self, run_id: str, leaf: str) -> ObjectURL:
+        """One temporary object of a parallel upload (``leaf``: ``000042``, ``compose-1-000003``)."""
+        return ObjectURL(self.bucket, check_object_name(self.parts_prefix(run_id) + leaf))
 
 
 def check_object_name(name: str) -> str:
@@ -211,6 +238,27 @@ class UploadOptions:
     @property
     def use_md5(self) -> bool:
         return self.checksum in ("md5", "both")
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """``--parallel N``: how many parts upload at once, and how large each part is."""
+
+    parallel: int = DEFAULT_PARALLEL
+    part_size: int = DEFAULT_PART_SIZE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.parallel <= MAX_PARALLEL:
+            raise UsageError(f"--parallel must be between 1 and {MAX_PARALLEL}, not {self.parallel}")
+        check_part_size(self.part_size)
+
+    def check(self, options: UploadOptions) -> None:
+        """Refuse what a composed object cannot honour."""
+        if options.use_md5:
+            raise UsageError(
+                f"--checksum {options.checksum} cannot be used with --parallel: a composed object has "
+                "no MD5 (its CRC32C is verified end to end instead)"
+            )
 
 
 def origin(url: str) -> tuple[str, str, int]:

@@ -19,7 +19,16 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
-from gcsstream.events import ChunkPersisted, ChunkSending, Event, Retrying, UploadFinished, UploadStarted
+from gcsstream.events import (
+    ChunkPersisted,
+    ChunkSending,
+    Event,
+    PartFinished,
+    PartStarted,
+    Retrying,
+    UploadFinished,
+    UploadStarted,
+)
 
 if TYPE_CHECKING:  # rich, the engine and the downloader are imported only when used
     from rich.console import Group
@@ -110,6 +119,8 @@ def format_summary(result: UploadResult, note: str = "", resumed_at: int = 0) ->
     if "md5" in result.verified:
         checks += f", md5 {result.md5}"
     checks += " (verified)" if result.verified else " (not verified: --checksum none)"
+    if result.parts is not None:
+        checks += f", composed of {result.parts} part{'s' if result.parts != 1 else ''}"
     sent = result.size - resumed_at
     rate = human_rate(sent / result.seconds if result.seconds > 0 else 0.0)
     timing = f"{result.seconds:.2f} s, {rate}"
@@ -151,6 +162,9 @@ class ProgressState:
         self.persisted = 0
         self.sent = 0
         self.resumed_at = 0
+        #: A parallel upload: parts being sent now, and parts stored.
+        self.parts_in_flight = 0
+        self.parts_done = 0
         self.note = ""  # a retry or resume in progress, shown in line
         self.started = time.monotonic()
         self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])
@@ -179,6 +193,18 @@ class ProgressState:
                 self._announce(f"{event.reason}, retrying in {event.delay:.1f} s")
             elif isinstance(event, UploadFinished):
                 self.persisted = self.sent = event.result.size
+            elif isinstance(event, PartStarted):
+                self.parts_in_flight += 1
+            elif isinstance(event, PartFinished):
+                self.parts_in_flight -= 1
+                self.parts_done += event.ok
+
+    def parts(self) -> str:
+        """``, parts: 3 in flight, 12 stored`` for a parallel upload; "" for one stream."""
+        with self._lock:
+            if not (self.parts_in_flight or self.parts_done):
+                return ""
+            return f", parts: {self.parts_in_flight} in flight, {self.parts_done} stored"
 
     def progress(self, done: int) -> None:
         """For downloads: ``done`` bytes written so far."""
@@ -230,7 +256,7 @@ class _Display:
         lines: list[Table | Text] = [row]
         detail = f"{self.verb} {human_bytes(sent)}"
         if self.verb != "received":  # a download has nothing for the service to confirm
-            detail += f", confirmed by the service {human_bytes(persisted)}"
+            detail += f", confirmed by the service {human_bytes(persisted)}{self.state.parts()}"
         lines.append(Text(f"  {detail}" + (f" · {note}" if note else ""), style="dim"))
         return Group(*lines)
 
@@ -259,7 +285,8 @@ def _plain_display(state: ProgressState, stream: TextIO, interval: float, done: 
         persisted, _, size, rate, elapsed, _ = state.snapshot()
         share = f" of {human_bytes(size)} ({persisted / size:.0%})" if size else ""
         return (
-            f"{state.label}: {human_bytes(persisted)}{share} {done}, rate {human_rate(rate)}, {elapsed:.0f} s"
+            f"{state.label}: {human_bytes(persisted)}{share} {done}, rate {human_rate(rate)}, "
+            f"{elapsed:.0f} s{state.parts()}"
         )
 
     def run() -> None:

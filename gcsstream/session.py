@@ -83,6 +83,39 @@ def object_url(
     return f"{endpoint}/storage/v1/b/{bucket}/o/{name}{suffix}"
 
 
+def compose_url(
+    endpoint: str,
+    destination: ObjectURL,
+    *,
+    if_generation_match: int | None = None,
+    kms_key: str | None = None,
+    user_project: str | None = None,
+) -> str:
+    """The JSON API URL that composes sources into ``destination`` (the precondition and the KMS
+    key apply to the destination)."""
+    query: dict[str, str] = {}
+    if if_generation_match is not None:
+        query["ifGenerationMatch"] = str(if_generation_match)
+    if kms_key:
+        query["kmsKeyName"] = kms_key
+    if user_project:
+        query["userProject"] = user_project
+    suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+    return object_url(endpoint, destination) + "/compose" + suffix
+
+
+def list_url(
+    endpoint: str, bucket: str, prefix: str, *, page_token: str | None = None, user_project: str | None = None
+) -> str:
+    """The JSON API URL listing the objects whose names start with ``prefix``."""
+    query = {"prefix": prefix}
+    if page_token:
+        query["pageToken"] = page_token
+    if user_project:
+        query["userProject"] = user_project
+    return f"{endpoint}/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o?{urllib.parse.urlencode(query)}"
+
+
 def bucket_url(endpoint: str, bucket: str, *, user_project: str | None = None) -> str:
     """The JSON API URL of a bucket's resource (asked to tell a missing bucket from a missing object)."""
     suffix = f"?{urllib.parse.urlencode({'userProject': user_project})}" if user_project else ""

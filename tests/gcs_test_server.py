@@ -9,7 +9,9 @@ emulators (the README's "Emulators and the real service" table says where they d
 * the final request may carry ``X-Goog-Hash``; a mismatch answers 400 and creates no object;
 * ``DELETE`` on a session answers 499 and the session answers 410 afterwards;
 * ``ifGenerationMatch`` is checked when the session starts and again when it finalizes;
-* compose has at most 32 sources and yields a crc32c and a componentCount but no md5Hash.
+* compose has at most 32 sources and yields a crc32c and a componentCount but no md5Hash;
+* a bucket created with a ``retentionPolicy`` (``retentionPeriod`` seconds) or
+  ``defaultEventBasedHold`` refuses (403) to delete an object still retained or held.
 
 Request bodies are streamed to files under a data directory through one reused buffer per
 connection thread and CRC32C'd inline; the MD5 of an upload is computed from its file by a
@@ -112,6 +114,7 @@ FAULT_KINDS = (
     "trickle",
     "corrupt_download",
     "lost",
+    "corrupt_compose",
 )
 
 REQUEST_KINDS = (
@@ -229,7 +232,13 @@ class Fault:
     * ``read_body``: ``status``/``unauthorized``/``expire``: False answers at once without
       reading the body, then closes the connection (the client usually sees a reset).
     * ``offset``: ``corrupt_download``: position in the response body of the flipped byte
-      (default: the middle).
+      (default: the middle); ``corrupt_compose``: position in the composed object of the byte
+      flipped before it is stored (default: the middle), its crc32c being that of the stored
+      bytes, as if the service had composed wrongly.
+
+    On ``compose``, a ``lost`` fault composes the object and then answers ``status``, and a
+    ``reset`` whose ``after_bytes`` reaches the end of the body composes it and then drops the
+    connection: the object exists, its answer never arrives.
     * ``flush``: ``reset``: before dropping the connection, wait (up to 5 s) until the peer has
       acknowledged every response byte written, so that a download's client receives exactly
       ``after_bytes`` (by default the RST also discards what the kernel had not yet sent).
@@ -1186,6 +1195,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             gen = int(obj.resource["generation"])
             if "ifGenerationMatch" in self.query and _int_param(self.query, "ifGenerationMatch") != gen:
                 raise _HttpError(412, "At least one of the pre-conditions you specified did not hold.")
+            if obj.resource.get("eventBasedHold") or obj.resource.get("temporaryHold"):
+                raise _HttpError(
+                    403, f"Object '{bucket}/{name}' is under active Event-Based hold.", "forbidden"
+                )
+            until = obj.resource.get("retentionExpirationTime")
+            if until and _parse_time(until) > time.time():
+                raise _HttpError(
+                    403,
+                    f"Object '{bucket}/{name}' is subject to bucket's retention policy.",
+                    "retentionPolicyNotMet",
+                )
             self.gcs._remove_object(bucket, name)
         self._send(204)
 
@@ -1307,8 +1327,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # ---- compose --------------------------------------------------------------------------
 
     def _compose(self, bucket: str, dest: str) -> None:
-        if self._generic_faults("compose", dest):
-            return
+        fault = self._pick("compose", dest)
+        # Faults that strike after the object is composed: its answer is lost, or its bytes wrong.
+        after = fault is not None and (
+            fault.kind in ("lost", "corrupt_compose")
+            or (
+                fault.kind == "reset"
+                and fault.after_bytes is not None
+                and fault.after_bytes >= (self.body.length or 0)
+            )
+        )
+        if fault is not None and not after:
+            if self._apply_status_fault(fault):
+                return
+            self._pre_body_fault(fault)
         try:
             req = json.loads(self._read_small(_MAX_JSON) or b"{}")
         except ValueError:
@@ -1326,6 +1358,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         _validate_name(dest)
         self.gcs._check_bucket(bucket)
         files: list = []
+        sizes = 0
         try:
             components = 0
             with self.gcs._lock:
@@ -1339,6 +1372,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                             412, "At least one of the pre-conditions you specified did not hold."
                         )
                     components += int(obj.resource.get("componentCount", 1))
+                    sizes += int(obj.resource["size"])
                     self.gcs._refuse_if_discarded(bucket, s["name"])
                     files.append(open(obj.path, "rb", buffering=0))  # noqa: SIM115 - closed below
                 self.gcs._check_write_preconditions(bucket, dest, _preconditions(self.query))
@@ -1346,6 +1380,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise _HttpError(400, f"composite objects may have at most {_MAX_COMPONENTS} components")
             tmp = self.gcs._tmp_path()
             crc = size = 0
+            corrupt = None
+            if fault is not None and fault.kind == "corrupt_compose" and sizes:
+                corrupt = min(max(fault.offset if fault.offset is not None else sizes // 2, 0), sizes - 1)
             mv = _thread_buffer()
             with open(tmp, "wb", buffering=0) as out:
                 for src in files:
@@ -1353,6 +1390,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         n = src.readinto(mv)
                         if not n:
                             break
+                        if corrupt is not None and size <= corrupt < size + n:
+                            mv[corrupt - size] ^= 0xFF
                         crc = _crc_update(crc, mv[:n])
                         out.write(mv[:n])
                         size += n
@@ -1360,6 +1399,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for src in files:
                 src.close()
         meta = {k: v for k, v in destination.items() if k in _META_FIELDS}
+        if self.query.get("kmsKeyName"):
+            meta["kmsKeyName"] = self.query["kmsKeyName"]
         try:
             res = self.gcs._store_object(
                 bucket,
@@ -1375,6 +1416,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if after and fault.kind == "reset":
+            raise _Reset()
+        if after and fault.kind == "lost":
+            self._error(fault.status or 503, "injected fault: lost (the object was composed)")
+            return
         self._json(200, res)
 
     # ---- simple uploads -------------------------------------------------------------------
@@ -2113,6 +2159,11 @@ class GcsTestServer:
                 "metageneration": "1",
                 "location": fields.get("location", "US"),
                 "storageClass": fields.get("storageClass", "STANDARD"),
+                **{
+                    k: fields[k]
+                    for k in ("retentionPolicy", "defaultEventBasedHold", "versioning")
+                    if k in fields
+                },
                 "etag": "CAE=",
                 "timeCreated": now,
                 "updated": now,
@@ -2384,6 +2435,12 @@ class GcsTestServer:
                     res["metadata"] = md
             if component_count is not None:
                 res["componentCount"] = component_count
+            bucket_res = self._buckets[bucket]
+            if bucket_res.get("defaultEventBasedHold") and "eventBasedHold" not in res:
+                res["eventBasedHold"] = True
+            period = (bucket_res.get("retentionPolicy") or {}).get("retentionPeriod")
+            if period:
+                res["retentionExpirationTime"] = _rfc3339(time.time() + int(period))
             path = self.object_path(bucket, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, path)
