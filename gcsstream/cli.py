@@ -369,7 +369,7 @@ def put(
     """
     from gcsstream import jobs
     from gcsstream.engine import Uploader
-    from gcsstream.sources import ProducerSource
+    from gcsstream.sources import GzipSource, ProducerSource
     from gcsstream.transport import Transport
 
     if debug:
@@ -415,7 +415,7 @@ def put(
             io_timeout=io_timeout, rate_limit=rate,
         )  # fmt: skip
         state = ProgressState(str(destination))
-        warn = lambda m: say(f"warning: {_printable(m)}")  # noqa: E731
+        warn = lambda m: say(f"warning: {printable(m)}")  # noqa: E731
         # Built before the source is opened: what a composed object cannot honour is refused first.
         parallel_uploader = ParallelUploader(connect, options, parts, on_event=state.record, warn=warn)
         raw = ProducerSource(exec_command) if exec_command is not None else _open_source(src)

@@ -6,6 +6,7 @@ refused before anything is sent."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -85,6 +86,18 @@ def test_from_a_file_with_json_summary(server, env, tmp_path):
     assert summary["crc32c"] == resource["crc32c"] and summary["generation"] == int(resource["generation"])
     assert summary["verified"] == ["crc32c"] and summary["md5"] is None
     assert server.list_objects(BUCKET) == ["dumps/db.dump"]
+
+
+def test_gzip_compresses_the_stream_before_it_is_cut_into_parts(server, env, tmp_path):
+    src = tmp_path / "log"
+    src.write_bytes(b"".join(b"line %d of a compressible log\n" % i for i in range(200_000)))
+    r = sh(f"gcsstream put {PARALLEL} --gzip {src} gs://{BUCKET}/log.gz", env)
+    assert r.returncode == 0, r.stderr
+    stored = server.read_object(BUCKET, "log.gz")
+    assert gzip.decompress(stored) == src.read_bytes()
+    resource = assert_stored(server, BUCKET, "log.gz", stored)
+    assert resource["contentEncoding"] == "gzip" and resource["componentCount"] > 1
+    assert server.list_objects(BUCKET) == ["log.gz"]
 
 
 def test_from_exec_and_a_failing_producer(server, env, tmp_path):
