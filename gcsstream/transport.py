@@ -37,6 +37,7 @@ SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
 MAX_ANSWER = 1 << 20
 _PIECE = 64 * 1024
 _SEND_SLICE = 1024 * 1024  # bytes per socket write: each must finish within the io timeout
+_SEND_WAKES = 20  # a blocking write (plain TCP) looks at its progress this often per io timeout
 
 
 class HTTPTransport(Protocol):
@@ -168,9 +169,11 @@ class _SendsUnderIoTimeout(HTTPConnection):
         if self.sock is not None:
             self.sock.settimeout(self.send_timeout)
         if type(self.sock) is socket.socket:  # plain TCP (not TLS, not a TLS-in-TLS tunnel)
-            # For ``_send_blocking``: a blocked write gives up after the io timeout.
-            seconds = int(self.send_timeout)
-            timeval = struct.pack("ll", seconds, int((self.send_timeout - seconds) * 1e6))
+            # For ``_send_blocking``: a blocked write returns (with what it wrote) after a 20th
+            # of the io timeout, so that a stall is seen soon after the io timeout, not later.
+            wake = self.send_timeout / _SEND_WAKES
+            seconds = int(wake)
+            timeval = struct.pack("ll", seconds, max(1, int((wake - seconds) * 1e6)))  # 0: never
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
     def send(self, data: Any) -> None:
@@ -202,24 +205,30 @@ class _SendsUnderIoTimeout(HTTPConnection):
 
 
 def _send_blocking(sock: socket.socket, data: memoryview | bytes, timeout: float) -> None:
-    """Write all of ``data``, failing with ``TimeoutError`` (as a socket timeout does) when less
-    than ``_SEND_SLICE`` bytes went out in ``timeout`` seconds: a peer that stops reading, or
-    trickles, ends the request as promptly as with sliced writes."""
+    """Write all of ``data``, failing with ``TimeoutError`` (as a socket timeout does) when the
+    next ``_SEND_SLICE`` bytes did not go out within ``timeout`` of the last ones, as with sliced
+    writes: a peer that stops reading, or trickles, ends the request after about the io timeout.
+
+    Each write returns at least every ``timeout / _SEND_WAKES`` (``SO_SNDTIMEO``) with what it
+    wrote; a write that returns late could have hidden a stall that began right after its start,
+    and counting its bytes as fresh progress would let the stall last two io timeouts.
+    """
     view = memoryview(data).cast("B")
-    sock.settimeout(None)  # blocking; SO_SNDTIMEO (set at connect) bounds each write
+    sock.settimeout(None)  # blocking; SO_SNDTIMEO (set at connect) wakes each write
     try:
-        since, progress = time.monotonic(), 0
+        deadline, owed = time.monotonic() + timeout, _SEND_SLICE
         while view:
             try:
                 sent = sock.send(view)
             except BlockingIOError:  # nothing could be written for the whole SO_SNDTIMEO
-                raise TimeoutError(f"no byte of the request was taken in {timeout:g} s") from None
+                sent = 0
             view = view[sent:]
-            progress += sent
-            if view and time.monotonic() - since >= timeout:
-                if progress < _SEND_SLICE:
-                    raise TimeoutError(f"the request went out too slowly: {progress} bytes in {timeout:g} s")
-                since, progress = time.monotonic(), 0
+            owed -= sent
+            now = time.monotonic()
+            if owed <= 0:  # a slice's worth went out: the next slice has the io timeout
+                deadline, owed = now + timeout, owed % _SEND_SLICE or _SEND_SLICE
+            elif view and now >= deadline:
+                raise TimeoutError(f"the request went out too slowly: under 1 MiB in {timeout:g} s")
     finally:
         sock.settimeout(timeout)
 

@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,31 @@ def test_a_server_that_stops_reading_is_noticed_after_the_io_timeout(gcsstream_e
     err = proc.stderr.decode()
     assert proc.returncode == 75, err
     assert "timed out" in err.strip().splitlines()[-1], err
+
+
+def test_a_stalled_send_ends_about_one_io_timeout_after_the_server_stopped_reading(gcsstream_exe, tmp_path):
+    """--io-timeout bounds a stalled send, not twice that: what the kernel took into its buffers
+    (megabytes on loopback) when the server stopped reading is no reason to wait another timeout."""
+    io_timeout = 3.0
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom((16 << 20) + 1))
+    server = SilentReader()
+    proc = subprocess.Popen(
+        [gcsstream_exe, "put", *FAST, "--io-timeout", f"{io_timeout:g}", "--retry-deadline", "0",
+         "--chunk-size", "16MiB", "--endpoint", server.url, str(src), f"gs://{BUCKET}/o"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stalled.wait(15), "the chunk never reached the server"
+        stalled = time.monotonic()
+        _, err = proc.communicate(timeout=15)
+        took = time.monotonic() - stalled
+    finally:
+        proc.kill()
+        server.close()
+    assert proc.returncode == 75, err.decode()
+    assert "timed out" in err.decode().strip().splitlines()[-1], err.decode()
+    assert took < 1.5 * io_timeout, f"the stalled send ended {took:.1f} s after the stall"
 
 
 def test_a_server_that_trickles_a_large_chunk_in_is_noticed_after_the_io_timeout(gcsstream_exe):

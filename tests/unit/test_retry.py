@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import random
 import zlib
 
@@ -120,6 +123,45 @@ def test_a_permanent_error_is_not_retried():
     with pytest.raises(ServiceError):
         drive(attempt, clock)
     assert clock.slept == []
+
+
+def always_flaky(retried: bool) -> None:
+    raise Flaky
+
+
+def jitter_in_a_forked_child() -> list[float]:
+    """The delays the default jitter draws in a child forked from this process."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one run of failures with the default generator, then out
+        try:
+            clock = Clock()
+            with contextlib.suppress(TransientError):
+                run_with_retries(
+                    always_flaky, transient=transient, sleep=clock.sleep, clock=clock,
+                    initial=1.0, maximum=32.0, deadline=60.0,
+                )  # fmt: skip
+            os.write(write, json.dumps(clock.slept).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        delays = json.loads(answer.read())
+    os.waitpid(pid, 0)
+    return delays
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="retry._JITTER is not reseeded after fork; fix: os.register_at_fork(after_in_child=_JITTER.seed)",
+)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_processes_forked_from_one_parent_do_not_retry_in_step():
+    """Workers forked from one parent (multiprocessing's default on Linux) draw their own jitter:
+    it is there to keep clients from retrying in step, and a generator copied by fork repeats."""
+    first, second = jitter_in_a_forked_child(), jitter_in_a_forked_child()
+    assert len(first) > 3 and len(second) > 3
+    assert first != second, "two forked workers drew the same backoff delays"
 
 
 # -- the download's pure checks ------------------------------------------------------------------
