@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import os
 import random
 import ssl
 import time
@@ -102,6 +103,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 #: The jitter of every backoff: one generator, not one seeded from the OS per request.
 _JITTER = random.Random()
+os.register_at_fork(after_in_child=_JITTER.seed)  # forked workers must not retry in step
 
 
 @dataclass

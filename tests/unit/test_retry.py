@@ -151,10 +151,6 @@ def jitter_in_a_forked_child() -> list[float]:
     return delays
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retry._JITTER is not reseeded after fork; fix: os.register_at_fork(after_in_child=_JITTER.seed)",
-)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_processes_forked_from_one_parent_do_not_retry_in_step():
     """Workers forked from one parent (multiprocessing's default on Linux) draw their own jitter:
