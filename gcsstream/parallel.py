@@ -14,9 +14,10 @@ Temporary objects live under the destination, recognisable and never colliding w
                                                     most 32 sources: a tree for more parts)
 
 The final compose carries the destination's metadata and the caller's precondition
-(``ifGenerationMatch``: 0 for no-clobber). Integrity: the reader keeps the CRC32C of every part
-and of the whole stream; every part, every intermediate and the final object are checked against
-them (CRC32C values combine, so no byte is read twice). A final object that does not match is
+(``ifGenerationMatch``: 0 for no-clobber). Integrity: each part's CRC32C is the engine's, of the bytes
+it sent, verified against the stored part; the whole stream's is their combination (CRC32C values
+combine, so no byte is hashed twice). Every intermediate and the final object are checked
+against them. A final object that does not match is
 deleted (its generation only, and only the one this run's compose created): exit 3.
 
 Temporary objects are deleted on success, on failure, and when the caller's thread is
@@ -43,7 +44,7 @@ from typing import Any, TypeVar
 import requests
 from google.auth import exceptions as auth_exceptions
 
-from gcsstream.checksums import crc32c_combine, crc32c_extend, decode_crc32c, encode_crc32c
+from gcsstream.checksums import crc32c_combine, decode_crc32c, encode_crc32c
 from gcsstream.engine import Uploader, UploadResult
 from gcsstream.errors import (
     AuthError,
@@ -387,7 +388,7 @@ class _Run:
         chunk = min(self.opts.chunk_size, self.part_size)
         while True:
             self._wait_for_room()
-            pieces, size, part_crc = self._read_part(chunk)
+            pieces, size = self._read_part(chunk)
             if size == 0 and parts:
                 with self.lock:
                     self.in_flight -= 1
@@ -395,12 +396,13 @@ class _Run:
             expected = self.opts.expected_size
             if expected is not None and total + size > expected:
                 raise SourceError(f"{self.source.description} has more than the expected {expected} bytes")
-            part = _Piece(self.destination.temporary(self.run_id, f"{len(parts):06d}"), size, part_crc)
+            # Its CRC32C is the engine's, of these very bytes as it sent them, once its upload is
+            # verified: hashed once, not also here.
+            part = _Piece(self.destination.temporary(self.run_id, f"{len(parts):06d}"), size, 0)
             parts.append(part)
             self.futures.append(workers.submit(self._part_job(len(parts) - 1, total, part, pieces)))
             del pieces
             total += size
-            crc = crc32c_combine(crc, part_crc, size)
             with self.lock:
                 self.read = total
             if size < self.part_size:
@@ -412,6 +414,8 @@ class _Run:
         self.source.finish()  # a producer that failed: no object
         for future in self.futures:
             self._wait(future)
+        for part in parts:
+            crc = crc32c_combine(crc, part.crc32c, part.size)
         return parts, total, crc
 
     def _wait_for_room(self) -> None:
@@ -423,17 +427,16 @@ class _Run:
                 raise self.failure
             self.in_flight += 1
 
-    def _read_part(self, chunk: int) -> tuple[list[bytes], int, int]:
+    def _read_part(self, chunk: int) -> tuple[list[bytes], int]:
         pieces: list[bytes] = []
-        size = crc = 0
+        size = 0
         while size < self.part_size:
             piece = self._read_full(min(chunk, self.part_size - size))
             if not piece:
                 break
             pieces.append(piece)
             size += len(piece)
-            crc = crc32c_extend(crc, piece)
-        return pieces, size, crc
+        return pieces, size
 
     def _read_full(self, n: int) -> bytes:
         """``n`` bytes unless the input ends first (sources may return short reads)."""
@@ -525,11 +528,12 @@ class _Run:
             part.generation = result.generation
             with self.lock:
                 self.temporaries.append(part)
-            if result.crc32c != encode_crc32c(part.crc32c) or result.size != part.size:
+            if result.size != part.size or result.crc32c is None:
                 raise IntegrityError(
                     f"{part.target} holds {result.size} bytes with crc32c {result.crc32c}, but part "
-                    f"{index} was {part.size} bytes with crc32c {encode_crc32c(part.crc32c)}"
+                    f"{index} was {part.size} bytes"
                 )
+            part.crc32c = decode_crc32c(result.crc32c)  # verified by the engine against its bytes
             ok = True
         finally:
             with self.lock:

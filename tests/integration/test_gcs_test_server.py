@@ -791,3 +791,26 @@ def test_discard_mode_keeps_size_and_hashes_but_no_bytes(tmp_path, gcsstream_exe
             [gcsstream_exe, "cat", f"gs://{BUCKET}/d"], env=env, capture_output=True, timeout=60
         )
         assert r.returncode != 0 and r.stdout == b""
+
+
+def test_discard_mode_composes_from_the_sources_checksums(tmp_path, gcsstream_exe):
+    """The benchmarks' sink composes too (``put --parallel``): the composite's size and crc32c
+    are those of the sources' bytes, though no byte was kept (no md5, as for any composite)."""
+    data = os.urandom(5 * Q + 777)  # six parts of 256 KiB
+    source = tmp_path / "src.bin"
+    source.write_bytes(data)
+    with GcsTestServer(data_dir=tmp_path / "data", buckets=[BUCKET], discard=True) as srv:
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": srv.url}
+        r = subprocess.run(
+            [gcsstream_exe, "put", "--parallel", "3", "--part-size", "256KiB", "--chunk-size", "256KiB",
+             "-q", str(source), f"gs://{BUCKET}/c"],
+            env=env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        with requests.get(f"{srv.url}/storage/v1/b/{BUCKET}/o/c", timeout=5) as meta:
+            resource = meta.json()
+        assert int(resource["size"]) == len(data) and resource["crc32c"] == crc_b64(data)
+        assert resource["componentCount"] == 6 and "md5Hash" not in resource
+        assert srv.list_objects(BUCKET) == ["c"]  # the parts were deleted
+        stored = sum(p.stat().st_size for p in (tmp_path / "data").rglob("*") if p.is_file())
+        assert stored == 0
