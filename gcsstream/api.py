@@ -8,12 +8,13 @@ upload is two chunks behind: that is the backpressure that bounds memory).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, BinaryIO
@@ -27,9 +28,11 @@ from gcsstream.events import EventCallback
 from gcsstream.journal import Journal, JournalRecorder
 from gcsstream.options import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_PART_SIZE,
     DEFAULT_RETRY_DEADLINE,
     ChecksumMode,
     ObjectMetadata,
+    ParallelOptions,
     UploadOptions,
     parse_gs_url,
     parse_size,
@@ -57,6 +60,9 @@ class _Plan:
     progress: EventCallback | None
     #: ``resume=``: the upload being continued (its input is checked against its journal).
     continuing: jobs.Continuing | None = None
+    #: ``parallel=``: the parts, and a way to open one more connection for each worker.
+    parallel: ParallelOptions | None = None
+    connect: Callable[[], Transport] | None = None
 
     def uploader(self) -> Uploader:
         return Uploader(self.transport, self.job.options, on_event=self.progress)
@@ -80,6 +86,18 @@ class _Plan:
     ) -> UploadResult:
         """Run the upload. A journaled one's errors carry its journal id (``upload_id``) and
         session URI, so that the caller can resume it; its lock is released at the end."""
+        if self.parallel is not None and self.connect is not None:
+            from gcsstream.parallel import ParallelUploader
+
+            try:
+                parallel = ParallelUploader(
+                    self.connect, self.job.options, self.parallel, on_event=self.progress
+                )
+                return parallel.upload(
+                    self.job.input(source), self.job.destination, self.job.metadata, transport=self.transport
+                )
+            finally:
+                self.job.release()
         try:
             result = self.uploader().upload(
                 self.job.input(source),
@@ -150,6 +168,11 @@ def _plan(url: str, **options: Any) -> _Plan:
         kms_key=o.kms_key,
         metadata=dict(o.metadata or {}),
     )
+    parts = ParallelOptions(o.parallel, parse_size(o.part_size))
+    if parts.parallel > 1:
+        parts.check(upload_options)  # a composed object has no MD5
+        if o.journal or o.session_uri:
+            raise UsageError("parallel= uploads are not resumable yet: no journal=, session_uri= or resume=")
     transport = _transport(o.endpoint, o.credentials, o.project, anonymous=o.session_uri is not None)
     try:
         destination = parse_gs_url(url)
@@ -170,12 +193,17 @@ def _plan(url: str, **options: Any) -> _Plan:
     except BaseException:
         transport.close()
         raise
-    return _Plan(job, transport, o.progress)
+    if parts.parallel == 1:
+        return _Plan(job, transport, o.progress)
+    connect = functools.partial(_transport, o.endpoint, o.credentials, o.project)
+    return _Plan(job, transport, o.progress, parallel=parts, connect=connect)
 
 
 def _resume_plan(url: str, given: dict[str, Any]) -> _Plan:
     """``resume=ID`` or ``resume=SESSION_URI``: continue an upload as ``gcsstream resume`` does,
     with its journal's options (a session URI no journal knows: the session's own)."""
+    if int(given.get("parallel", 1)) > 1:
+        raise UsageError("parallel= uploads are not resumable yet: no journal=, session_uri= or resume=")
     conflicting = sorted(key for key in given if key in _FROM_JOURNAL)
     if conflicting:
         raise UsageError(
@@ -359,6 +387,8 @@ def open_upload(
     session_uri: str | None = None,
     journal: bool = False,
     resume: str | None = None,
+    parallel: int = 1,
+    part_size: int | str = DEFAULT_PART_SIZE,
 ) -> ObjectWriter:
     """Open ``gs://BUCKET/OBJECT`` for writing; closing the file creates the verified object.
 
@@ -392,6 +422,10 @@ def open_upload(
             unchanged); the held prefix must match the journal's CRC32C, and the object's
             options come from the journal (passing them is refused). A session URI no journal
             knows is continued like ``session_uri=``. Raises ``Busy`` if another process drives it.
+        parallel: upload this many parts at once, each over its own connection, then compose
+            them (as ``gcsstream put --parallel``): CRC32C only, not resumable yet; memory is
+            about ``parallel`` parts.
+        part_size: bytes per part (default 64 MiB), a multiple of 256 KiB.
 
     Raises ``GcsstreamError`` subclasses (see ``gcsstream.errors``) from ``write`` or ``close``.
     """

@@ -414,3 +414,40 @@ def test_library_resumes_a_bare_session_uri_named_by_resume(server, opts, state_
     assert result.crc32c == resource["crc32c"] == crc32c_b64(data) and result.size == len(data)
     assert _sent_since(server, before) <= len(data) - 2 * CHUNK  # the held prefix is not resent
     assert not state_dir.exists() and len(server.sessions()) == 1
+
+
+# -- parallel= (as put --parallel) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", ["open_upload", "upload", "aio"])
+def test_parallel_library_uploads_compose_verified_parts_and_leave_nothing_behind(server, opts, api):
+    data = os.urandom(7 * CHUNK + 11)  # eight parts of one chunk each
+    url = f"gs://{BUCKET}/par"
+    par = {**opts, "parallel": 3, "part_size": CHUNK, "content_type": "text/x-par"}
+    if api == "open_upload":
+        with gcsstream.open_upload(url, **par) as up:
+            shutil.copyfileobj(io.BytesIO(data), up, length=100_000)
+        result = up.result
+    elif api == "upload":
+        result = gcsstream.upload(io.BytesIO(data), url, **par)
+    else:
+
+        async def body():
+            for i in range(0, len(data), 65536):
+                yield data[i : i + 65536]
+
+        result = asyncio.run(gcsstream.aio.upload(body(), url, **par))
+    resource = assert_stored(server, BUCKET, "par", data)
+    assert resource["componentCount"] == 8 and resource["contentType"] == "text/x-par"
+    assert result.crc32c == resource["crc32c"] == crc32c_b64(data) and result.parts == 8
+    assert server.list_objects(BUCKET) == ["par"]  # every temporary part was deleted
+
+
+def test_parallel_library_upload_refuses_what_it_cannot_honour(server, opts, state_dir):
+    url = f"gs://{BUCKET}/no"
+    for extra in ({"checksum": "md5"}, {"journal": True}, {"session_uri": f"{server.url}/x?upload_id=1"}):
+        with pytest.raises(gcsstream.UsageError):
+            gcsstream.upload(io.BytesIO(b"x"), url, **opts, parallel=2, **extra)
+    with pytest.raises(gcsstream.UsageError, match="not resumable"):
+        gcsstream.upload(io.BytesIO(b"x"), url, **opts, parallel=2, resume="0123456789abcdef")
+    assert server.list_objects(BUCKET) == []
