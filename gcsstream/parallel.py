@@ -109,6 +109,9 @@ _NAMED = 10  # temporary objects named one by one in the line about leftovers; t
 _POLL = 0.5  # seconds between checks while the reader waits (each wait is bounded)
 #: Seconds a failed or interrupted run gives its workers to end once their sessions are cancelled.
 _STOP_GRACE = 2.0
+#: Seconds the cleanup may go without settling an object before it is given up (a stuck server
+#: must not hold the run: its leftovers are named).
+_CLEANUP_BOUND = CLEANUP_RETRY_DEADLINE
 
 
 class _Aborted(Exception):
@@ -752,53 +755,53 @@ class _Run:
         """Delete every temporary object; what could not be deleted, as one sentence ("" if none).
 
         After a failure, objects under this run's prefix that it never heard of (a part whose
-        final answer was lost) are listed and deleted too."""
+        final answer was lost) are listed and deleted too. It runs on a thread of its own and is
+        given up once nothing has been settled for ``_CLEANUP_BOUND`` seconds, or on another
+        interruption: a stuck server leaves whatever is not known to be gone named, not waited for."""
         gone: set[str] = set()
         left: dict[str, str] = {}  # name: why it is left
-        uncertain = False
+        guard = threading.Lock()  # ``gone`` and ``left`` are filled by the cleanup's thread
+        with self.lock:
+            uncertain = self.uncertain or bool(self.futures)
+        done = threading.Event()
+
+        def clean() -> None:
+            try:
+                self._clean(workers, failed, gone, left, guard)
+            except BaseException:  # noqa: BLE001 - named below as not known to be gone
+                pass
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=clean, name="gcsstream-cleanup", daemon=True)
+        why = "timed out"
         try:
-            if workers is not None and failed:
-                for name in self._stop_parts():
-                    left[name] = "its upload could not be cancelled"
-            with self.lock:
-                pieces = list(self.temporaries)
-                uncertain = self.uncertain or bool(self.futures)
-            deletions = [
-                (piece, workers.submit(self._delete_job(piece)) if workers else None) for piece in pieces
-            ]
-            for piece, future in deletions:
-                why = self._delete(self.transport, piece) if future is None else self._bounded(future)
-                if why is None:
-                    gone.add(piece.target.name)
-                else:
-                    left[piece.target.name] = why
-            if failed and uncertain:
-                try:
-                    listed = self._listed()
-                except GcsstreamError as exc:
-                    left[f"{self.prefix}*"] = f"listing them failed: {exc}"
-                    listed = []
-                for name, generation in listed:
-                    if name in gone or name in left:
-                        continue
-                    why = self._delete(
-                        self.transport, _Piece(ObjectURL(self.destination.bucket, name), 0, 0, 1, generation)
-                    )
-                    if why is None:
-                        gone.add(name)
-                    else:
-                        left[name] = why
+            thread.start()
+            settled = -1
+            end = 0.0
+            while not done.wait(_POLL):
+                with guard:
+                    now = len(gone) + len(left)
+                if now != settled:  # progress: a healthy cleanup of many objects may go on
+                    settled, end = now, time.monotonic() + _CLEANUP_BOUND
+                elif time.monotonic() >= end:
+                    break
         except BaseException:  # interrupted again: name whatever is not known to be gone
+            why = "the cleanup was interrupted"
+        finally:
+            if workers is not None:
+                workers.close()
+        with guard:
+            finished = done.is_set()
+            gone, left = set(gone), dict(left)
+        if not finished:
             with self.lock:
                 pieces = list(self.temporaries)
             for piece in pieces:
                 if piece.target.name not in gone:
-                    left.setdefault(piece.target.name, "the cleanup was interrupted")
-            if uncertain:
-                left.setdefault(f"{self.prefix}*", "the cleanup was interrupted")
-        finally:
-            if workers is not None:
-                workers.close()
+                    left.setdefault(piece.target.name, why)
+            if failed and uncertain:
+                left.setdefault(f"{self.prefix}*", why)
         if not left:
             return ""
         names = list(left)
@@ -812,6 +815,50 @@ class _Run:
             f"{len(names)} temporary object(s) of this upload could not be deleted "
             f"({next(iter(left.values()))}): {shown}{more}; delete them"
         )
+
+    def _clean(
+        self,
+        workers: _Workers | None,
+        failed: bool,
+        gone: set[str],
+        left: dict[str, str],
+        guard: threading.Lock,
+    ) -> None:
+        """The cleanup's requests (on its own thread): fills ``gone`` and ``left`` as it goes."""
+
+        def settle(name: str, why: str | None) -> None:
+            with guard:
+                if why is None:
+                    gone.add(name)
+                else:
+                    left[name] = why
+
+        if workers is not None and failed:
+            for name in self._stop_parts():
+                settle(name, "its upload could not be cancelled")
+        with self.lock:
+            pieces = list(self.temporaries)
+            uncertain = self.uncertain or bool(self.futures)
+        deletions = [
+            (piece, workers.submit(self._delete_job(piece)) if workers else None) for piece in pieces
+        ]
+        for piece, future in deletions:
+            settle(
+                piece.target.name,
+                self._delete(self.transport, piece) if future is None else self._bounded(future),
+            )
+        if failed and uncertain:
+            try:
+                listed = self._listed()
+            except GcsstreamError as exc:
+                settle(f"{self.prefix}*", f"listing them failed: {exc}")
+                listed = []
+            for name, generation in listed:
+                with guard:
+                    known = name in gone or name in left
+                if not known:
+                    piece = _Piece(ObjectURL(self.destination.bucket, name), 0, 0, 1, generation)
+                    settle(name, self._delete(self.transport, piece))
 
     def _stop_parts(self) -> list[str]:
         """Cancel the sessions of the parts still uploading (a cancelled session creates nothing,

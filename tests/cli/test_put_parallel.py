@@ -192,3 +192,35 @@ def test_progress_lines_show_the_total_and_the_parts_in_flight(server, env, tmp_
     matches = [pattern.search(line) for line in status]
     assert all(matches), status
     assert any(int(m.group(1)) >= 1 for m in matches if m)
+
+
+@pytest.mark.slow
+def test_a_signal_ends_the_run_promptly_when_the_server_is_stuck_in_the_cleanup(server, env, tmp_path):
+    # Found in review: the cleanup after SIGTERM waited on each cancel and each round of deletes
+    # for a whole I/O timeout (120 s) and more: a stuck server kept the run alive for > 6 minutes.
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(12 * QUANTUM))
+    server.faults.add(Fault("stall", on="final", nth=3, seconds=300))
+    server.faults.add(Fault("stall", on="cancel", times=100, seconds=300))
+    server.faults.add(Fault("stall", on="delete", times=100, seconds=300))
+    proc = subprocess.Popen(
+        ["gcsstream", "put", *PARALLEL.split(), "-", f"gs://{BUCKET}/stuck"],
+        env=env,
+        stdin=src.open("rb"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        server.wait_for_request(lambda r: r.kind == "final" and r.fault == "stall", 60)
+        server.wait_for_request(lambda r: r.kind == "final" and r.status == 200, 60)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)  # the cleanup's bound (30 s) and a margin
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == 143, err
+    text = unstamped(err.decode()).splitlines()[-1]
+    assert text.startswith("gcsstream: error: terminated; a parallel upload cannot be resumed: run it again")
+    assert "could not be deleted" in text and f"gs://{BUCKET}/stuck.gcsstream-parts/" in text
+    assert text.endswith("; delete them") and "upload_id" not in err.decode()
