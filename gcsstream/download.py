@@ -46,8 +46,9 @@ from gcsstream.retry import (
     RETRYABLE_EXCEPTIONS,
     RETRYABLE_STATUSES,
     Failure,
+    Retryable,
     describe_network_error,
-    retry_after_seconds,
+    retryable,
     run_with_retries,
 )
 from gcsstream.session import bucket_url, object_url
@@ -494,9 +495,7 @@ class Downloader:
         response = self._transport.request("GET", url, headers=headers, stream=stream)
         if response.status_code in RETRYABLE_STATUSES:
             response.close()
-            raise _Transient(
-                f"{response.status_code} from the service", retry_after_seconds(response.headers)
-            )
+            raise Retryable.from_status(response.status_code, response.headers)
         if response.status_code == 404:
             raise NotFoundError(f"{_name_of(url)} not found")
         if response.status_code >= 400:
@@ -517,13 +516,6 @@ class Downloader:
         )
 
 
-class _Transient(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
 def _name_of(url: str) -> str:
     path = urllib.parse.urlsplit(url).path
     bucket, _, name = path.partition("/storage/v1/b/")[2].partition("/o/")
@@ -542,8 +534,8 @@ def _sync_directory(directory: Path) -> None:
 
 def _transient(exc: BaseException) -> Failure | None:
     """What the retry driver may retry: transient statuses and network failures, nothing else."""
-    if isinstance(exc, _Transient):
-        return Failure(exc.reason, exc.retry_after)
+    if isinstance(exc, Retryable):
+        return retryable(exc)
     if isinstance(exc, RETRYABLE_EXCEPTIONS):
         return Failure(describe_network_error(exc))
     return None

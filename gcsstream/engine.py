@@ -47,9 +47,9 @@ from gcsstream.redact import redact
 from gcsstream.retry import (
     RETRYABLE_EXCEPTIONS,
     RETRYABLE_STATUSES,
-    Failure,
+    Retryable,
     describe_network_error,
-    retry_after_seconds,
+    retryable,
     run_with_retries,
 )
 from gcsstream.session import (
@@ -134,15 +134,6 @@ class SessionRecorder(Protocol):
 
     def finished(self) -> None:
         """The upload completed, or was cancelled: nothing is left to resume."""
-
-
-class _Retryable(Exception):
-    """A transient failure: wait, resync, try again."""
-
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
 
 
 class Uploader:
@@ -314,11 +305,11 @@ class Uploader:
             self._emit(ChunkSending(before, before + size))
             session.process_chunk(self._send(request, destination), size)
         except UnreadableAnswer as exc:  # the object may exist: ask the session again
-            raise _Retryable(str(exc)) from None
+            raise Retryable(str(exc)) from None
         if not session.finished and session.bytes_uploaded <= before:
             # An answer that confirms nothing is no progress: it counts as a failed attempt, so
             # a server that never moves on meets --retry-deadline instead of being fed forever.
-            raise _Retryable(
+            raise Retryable(
                 f"the service kept none of the {size} bytes sent"
                 if size
                 else "the service did not finish the upload"
@@ -331,7 +322,7 @@ class Uploader:
             try:
                 parse_resource(response)
             except UnreadableAnswer as exc:
-                raise _Retryable(str(exc)) from None
+                raise Retryable(str(exc)) from None
         return response
 
     def _retrying(self, attempt: Callable[[bool], T], progress: Callable[[], int] | None = None) -> T:
@@ -340,13 +331,9 @@ class Uploader:
         ``progress`` counts the bytes confirmed: a failure after progress (lost answers whose
         bytes a status query confirmed) starts a new run of failures, as for downloads."""
         opts = self._options
-
-        def transient(exc: BaseException) -> Failure | None:
-            return Failure(exc.reason, exc.retry_after) if isinstance(exc, _Retryable) else None
-
         return run_with_retries(
             attempt,
-            transient=transient,
+            transient=retryable,
             initial=opts.retry_initial_delay,
             maximum=opts.retry_max_delay,
             deadline=opts.retry_deadline,
@@ -357,17 +344,17 @@ class Uploader:
         )
 
     def _send(self, request: Request, destination: ObjectURL) -> requests.Response:
-        """One HTTP exchange; transient failures become ``_Retryable``, others typed errors."""
+        """One HTTP exchange; transient failures become ``Retryable``, others typed errors."""
         method, url, payload, headers = request
         try:
             response = self._transport.request(method, url, data=payload, headers=headers)
         except RETRYABLE_EXCEPTIONS as exc:
-            raise _Retryable(describe_network_error(exc)) from None
+            raise Retryable(describe_network_error(exc)) from None
         except auth_exceptions.GoogleAuthError as exc:  # refresh failed or is impossible
             raise AuthError(f"credentials for {destination} failed: {redact(str(exc))}") from None
         status = response.status_code
         if status in RETRYABLE_STATUSES:
-            raise _Retryable(f"{status} from the service", retry_after_seconds(response.headers))
+            raise Retryable.from_status(status, response.headers)
         if status >= 400:
             raise self._error_for(response, method, headers, destination)
         return response

@@ -82,9 +82,9 @@ from gcsstream.options import (
 from gcsstream.retry import (
     RETRYABLE_EXCEPTIONS,
     RETRYABLE_STATUSES,
-    Failure,
+    Retryable,
     describe_network_error,
-    retry_after_seconds,
+    retryable,
     run_with_retries,
 )
 from gcsstream.session import (
@@ -215,17 +215,6 @@ class _Workers:
         """Let the threads end once their jobs are done (they are daemons: none blocks exit)."""
         for _ in self._threads:
             self._jobs.put(None)
-
-
-class _Transient(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-def _transient(exc: BaseException) -> Failure | None:
-    return Failure(exc.reason, exc.retry_after) if isinstance(exc, _Transient) else None
 
 
 class ParallelUploader:
@@ -712,7 +701,7 @@ class _Run:
         opts = self.opts
         return run_with_retries(
             attempt,
-            transient=_transient,
+            transient=retryable,
             initial=opts.retry_initial_delay,
             maximum=opts.retry_max_delay,
             deadline=opts.retry_deadline if deadline is None else deadline,
@@ -728,18 +717,18 @@ class _Run:
     def _exchange(
         transport: HTTPTransport, method: str, url: str, body: dict[str, Any] | None, what: str
     ) -> dict[str, Any]:
-        """One JSON API exchange: transient failures become ``_Transient``, others typed errors."""
+        """One JSON API exchange: transient failures become ``Retryable``, others typed errors."""
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json; charset=UTF-8"} if body is not None else {}
         try:
             response = transport.request(method, url, data=data, headers=headers)
         except RETRYABLE_EXCEPTIONS as exc:
-            raise _Transient(describe_network_error(exc)) from None
+            raise Retryable(describe_network_error(exc)) from None
         except auth_exceptions.GoogleAuthError as exc:
             raise AuthError(f"credentials failed while {what}: {exc}") from None
         status = response.status_code
         if status in RETRYABLE_STATUSES:
-            raise _Transient(f"{status} from the service", retry_after_seconds(response.headers))
+            raise Retryable.from_status(status, response.headers)
         if status >= 400:
             raise error_for_status(status, f"{what} failed ({status}): {service_message(response)}")
         if method == "DELETE" or status == 204 or not response.content:
@@ -747,7 +736,7 @@ class _Run:
         try:
             return parse_resource(response)
         except UnreadableAnswer as exc:
-            raise _Transient(str(exc)) from None
+            raise Retryable(str(exc)) from None
 
     # -- cleanup --------------------------------------------------------------------------------
 

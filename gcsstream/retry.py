@@ -195,6 +195,26 @@ class Failure:
     retry_after: float | None = None
 
 
+class Retryable(Exception):
+    """A transient failure, raised by an attempt for the driver to retry: why, and how long the
+    service asked to wait (``Retry-After``)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_status(cls, status: int, headers: Mapping[str, str]) -> Retryable:
+        """A retryable status (``RETRYABLE_STATUSES``) as the service answered it."""
+        return cls(f"{status} from the service", retry_after_seconds(headers))
+
+
+def retryable(exc: BaseException) -> Failure | None:
+    """The driver's ``transient`` for attempts that raise ``Retryable``: nothing else is retried."""
+    return Failure(exc.reason, exc.retry_after) if isinstance(exc, Retryable) else None
+
+
 def run_with_retries(
     attempt: Callable[[bool], T],
     *,
