@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import requests
-from google.auth import exceptions as auth_exceptions
 from google.resumable_media import common
 
 from gcsstream.checksums import Checksums
@@ -46,9 +45,9 @@ from gcsstream.options import ObjectMetadata, ObjectURL, UploadOptions
 from gcsstream.redact import redact
 from gcsstream.retry import (
     RETRYABLE_EXCEPTIONS,
-    RETRYABLE_STATUSES,
     Retryable,
     describe_network_error,
+    exchange,
     retryable,
     run_with_retries,
 )
@@ -346,16 +345,10 @@ class Uploader:
     def _send(self, request: Request, destination: ObjectURL) -> requests.Response:
         """One HTTP exchange; transient failures become ``Retryable``, others typed errors."""
         method, url, payload, headers = request
-        try:
-            response = self._transport.request(method, url, data=payload, headers=headers)
-        except RETRYABLE_EXCEPTIONS as exc:
-            raise Retryable(describe_network_error(exc)) from None
-        except auth_exceptions.GoogleAuthError as exc:  # refresh failed or is impossible
-            raise AuthError(f"credentials for {destination} failed: {redact(str(exc))}") from None
-        status = response.status_code
-        if status in RETRYABLE_STATUSES:
-            raise Retryable.from_status(status, response.headers)
-        if status >= 400:
+        response = exchange(
+            self._transport, method, url, what=str(destination), data=payload, headers=headers
+        )
+        if response.status_code >= 400:
             raise self._error_for(response, method, headers, destination)
         return response
 

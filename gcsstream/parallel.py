@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
-from google.auth import exceptions as auth_exceptions
 
 from gcsstream.checksums import crc32c_combine, decode_crc32c, encode_crc32c
 from gcsstream.engine import Uploader, UploadResult
@@ -80,10 +79,9 @@ from gcsstream.options import (
     UploadOptions,
 )
 from gcsstream.retry import (
-    RETRYABLE_EXCEPTIONS,
-    RETRYABLE_STATUSES,
     Retryable,
     describe_network_error,
+    exchange,
     retryable,
     run_with_retries,
 )
@@ -720,15 +718,8 @@ class _Run:
         """One JSON API exchange: transient failures become ``Retryable``, others typed errors."""
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json; charset=UTF-8"} if body is not None else {}
-        try:
-            response = transport.request(method, url, data=data, headers=headers)
-        except RETRYABLE_EXCEPTIONS as exc:
-            raise Retryable(describe_network_error(exc)) from None
-        except auth_exceptions.GoogleAuthError as exc:
-            raise AuthError(f"credentials failed while {what}: {exc}") from None
+        response = exchange(transport, method, url, what=what, data=data, headers=headers)
         status = response.status_code
-        if status in RETRYABLE_STATUSES:
-            raise Retryable.from_status(status, response.headers)
         if status >= 400:
             raise error_for_status(status, f"{what} failed ({status}): {service_message(response)}")
         if method == "DELETE" or status == 204 or not response.content:

@@ -10,13 +10,14 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import requests
 import urllib3
 from google.auth import exceptions as auth_exceptions
 
-from gcsstream.errors import TransientError
+from gcsstream.errors import AuthError, TransientError
+from gcsstream.redact import redact
 
 #: Statuses the service documents as transient.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -208,6 +209,20 @@ class Retryable(Exception):
     def from_status(cls, status: int, headers: Mapping[str, str]) -> Retryable:
         """A retryable status (``RETRYABLE_STATUSES``) as the service answered it."""
         return cls(f"{status} from the service", retry_after_seconds(headers))
+
+
+def exchange(transport: Any, method: str, url: str, *, what: str, **kwargs: Any) -> requests.Response:
+    """One request for an attempt: a network failure or a retryable status becomes ``Retryable``,
+    a failed credential refresh ``AuthError`` (naming ``what``); other answers are the caller's."""
+    try:
+        response = transport.request(method, url, **kwargs)
+    except RETRYABLE_EXCEPTIONS as exc:
+        raise Retryable(describe_network_error(exc)) from None
+    except auth_exceptions.GoogleAuthError as exc:  # refresh failed or is impossible
+        raise AuthError(f"credentials for {what} failed: {redact(str(exc))}") from None
+    if response.status_code in RETRYABLE_STATUSES:
+        raise Retryable.from_status(response.status_code, response.headers)
+    return response
 
 
 def retryable(exc: BaseException) -> Failure | None:
