@@ -734,8 +734,8 @@ def _parallel_targets(rows: list[Row]) -> list[tuple[str, str, bool]]:
             (x for x in rows if x.peer == "gcsstream" and x.mode == r.mode and x.size == r.size and x.runs),
             None,
         )
-        if r.peer != PARALLEL or not r.runs or single is None:
-            continue
+        if r.peer != PARALLEL or not r.runs or single is None or r.size < PARALLEL_N * PART:
+            continue  # smaller than N parts: not every connection has a part (--link-size 1GiB)
         where = f"{MODE_TEXT[r.mode]}, {human(r.size)}, --parallel {PARALLEL_N}"
         speedup = single.wall / r.wall
         out.append((f"{where}: ≥ 6× the single stream's throughput", f"{speedup:.2f}×", speedup >= 6))
