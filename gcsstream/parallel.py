@@ -94,7 +94,7 @@ from gcsstream.session import (
     parse_resource,
     resource_int,
 )
-from gcsstream.sources import ChunkSource
+from gcsstream.sources import ChunkSource, read_full
 from gcsstream.transport import HTTPTransport
 
 T = TypeVar("T")
@@ -429,19 +429,8 @@ class _Run:
         return pieces, size
 
     def _read_full(self, n: int) -> bytes:
-        """``n`` bytes unless the input ends first (sources may return short reads)."""
-        data = self._read(n)
-        if len(data) == n or not data:
-            return data
-        pieces, have = [data], len(data)
-        while have < n and (more := self._read(n - have)):
-            pieces.append(more)
-            have += len(more)
-        return b"".join(pieces)
-
-    def _read(self, n: int) -> bytes:
         try:
-            return self.source.read(n)
+            return read_full(self.source, n)
         except GcsstreamError:
             raise
         except Exception as exc:  # a source that raised something unexpected, as the window says

@@ -45,6 +45,19 @@ class ChunkSource(Protocol):
     def close(self) -> None: ...
 
 
+def read_full(source: ChunkSource, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``source`` unless the input ends first (sources may return short
+    reads: a pipe gives what is there)."""
+    data = source.read(n)
+    if len(data) == n or not data:
+        return data
+    parts, have = [data], len(data)
+    while have < n and (more := source.read(n - have)):
+        parts.append(more)
+        have += len(more)
+    return b"".join(parts)
+
+
 class StreamSource:
     """A binary file object: stdin, a pipe, an open file, a socket's file."""
 

@@ -18,7 +18,7 @@ from collections import deque
 
 from gcsstream.checksums import Checksums, crc32c_extend, encode_crc32c
 from gcsstream.errors import GcsstreamError, IntegrityError, PrefixMismatch, SourceError
-from gcsstream.sources import ChunkSource
+from gcsstream.sources import ChunkSource, read_full
 
 
 class ChunkWindow:
@@ -207,7 +207,7 @@ class ChunkWindow:
                         self._cond.wait()
                     if self._closed:
                         return
-                data = self._read_full(self._chunk_size)
+                data = read_full(self._source, self._chunk_size)
                 offset += len(data)
                 self._check_not_over(offset)
                 at_end = len(data) < self._chunk_size or offset == self._expected_size
@@ -277,18 +277,3 @@ class ChunkWindow:
             raise SourceError(
                 f"{self._source.description} has more than the expected {self._expected_size} bytes"
             )
-
-    def _read_full(self, n: int) -> bytes:
-        """Exactly ``n`` bytes unless the input ends first (sources may return short reads)."""
-        data = self._source.read(n)
-        if len(data) == n or not data:
-            return data
-        parts = [data]
-        have = len(data)
-        while have < n:
-            more = self._source.read(n - have)
-            if not more:
-                break
-            parts.append(more)
-            have += len(more)
-        return b"".join(parts)
