@@ -112,17 +112,14 @@ def test_from_exec_and_a_failing_producer(server, env, tmp_path):
     assert server.list_objects(BUCKET) == ["exec"]
 
 
-@pytest.mark.parametrize(
-    ("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
-)
-def test_a_signal_leaves_no_temporary_object(server, env, tmp_path, state_dir, sig, code, word):
+def _signalled_mid_upload(server, env, tmp_path, name: str, sig: int, *, timeout: float) -> tuple[int, bytes]:
+    """A parallel put of 12 x 256 KiB from a pipe, sent ``sig`` once a part is stored and the third
+    part's final request is held up by the server (until the test ends): its exit code, stderr."""
     src = tmp_path / "src"
     src.write_bytes(os.urandom(12 * QUANTUM))
-    # The third part's request is held up by the server until the test ends: the upload is
-    # surely in flight, some parts stored, when the signal comes.
     server.faults.add(Fault("stall", on="final", nth=3, seconds=300))
     proc = subprocess.Popen(
-        ["gcsstream", "put", *PARALLEL.split(), "-", f"gs://{BUCKET}/sig"],
+        ["gcsstream", "put", *PARALLEL.split(), "-", f"gs://{BUCKET}/{name}"],
         env=env,
         stdin=src.open("rb"),
         stdout=subprocess.PIPE,
@@ -132,12 +129,20 @@ def test_a_signal_leaves_no_temporary_object(server, env, tmp_path, state_dir, s
         server.wait_for_request(lambda r: r.kind == "final" and r.fault == "stall", 60)
         server.wait_for_request(lambda r: r.kind == "final" and r.status == 200, 60)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=timeout)
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait(timeout=60)
-    assert proc.returncode == code, err
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_leaves_no_temporary_object(server, env, tmp_path, state_dir, sig, code, word):
+    returncode, err = _signalled_mid_upload(server, env, tmp_path, "sig", sig, timeout=60)
+    assert returncode == code, err
     assert unstamped(err.decode()) == (
         f"gcsstream: error: {word}; a parallel upload cannot be resumed: run it again; "
         "its temporary objects were deleted\n"
@@ -198,28 +203,11 @@ def test_progress_lines_show_the_total_and_the_parts_in_flight(server, env, tmp_
 def test_a_signal_ends_the_run_promptly_when_the_server_is_stuck_in_the_cleanup(server, env, tmp_path):
     # Found in review: the cleanup after SIGTERM waited on each cancel and each round of deletes
     # for a whole I/O timeout (120 s) and more: a stuck server kept the run alive for > 6 minutes.
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(12 * QUANTUM))
-    server.faults.add(Fault("stall", on="final", nth=3, seconds=300))
     server.faults.add(Fault("stall", on="cancel", times=100, seconds=300))
     server.faults.add(Fault("stall", on="delete", times=100, seconds=300))
-    proc = subprocess.Popen(
-        ["gcsstream", "put", *PARALLEL.split(), "-", f"gs://{BUCKET}/stuck"],
-        env=env,
-        stdin=src.open("rb"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        server.wait_for_request(lambda r: r.kind == "final" and r.fault == "stall", 60)
-        server.wait_for_request(lambda r: r.kind == "final" and r.status == 200, 60)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=90)  # the cleanup's bound (30 s) and a margin
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == 143, err
+    # The cleanup's bound (30 s) and a margin.
+    returncode, err = _signalled_mid_upload(server, env, tmp_path, "stuck", signal.SIGTERM, timeout=90)
+    assert returncode == 143, err
     text = unstamped(err.decode()).splitlines()[-1]
     assert text.startswith("gcsstream: error: terminated; a parallel upload cannot be resumed: run it again")
     assert "could not be deleted" in text and f"gs://{BUCKET}/stuck.gcsstream-parts/" in text
