@@ -60,8 +60,7 @@ class _Plan:
     progress: EventCallback | None
     #: ``resume=``: the upload being continued (its input is checked against its journal).
     continuing: jobs.Continuing | None = None
-    #: ``parallel=``: the parts, and a way to open one more connection for each worker.
-    parallel: ParallelOptions | None = None
+    #: A parallel upload (``job.parallel``): a way to open one more connection for each worker.
     connect: Callable[[], Transport] | None = None
 
     def uploader(self) -> Uploader:
@@ -86,18 +85,28 @@ class _Plan:
     ) -> UploadResult:
         """Run the upload. A journaled one's errors carry its journal id (``upload_id``) and
         session URI, so that the caller can resume it; its lock is released at the end."""
-        if self.parallel is not None and self.connect is not None:
+        if self.job.parallel is not None and self.connect is not None:
             from gcsstream.parallel import ParallelUploader
 
+            parts = self.job.parts_recorder(source)
             try:
                 parallel = ParallelUploader(
-                    self.connect, self.job.options, self.parallel, on_event=self.progress
+                    self.connect, self.job.options, self.job.parallel, on_event=self.progress
                 )
-                return parallel.upload(
-                    self.job.input(source), self.job.destination, self.job.metadata, transport=self.transport
+                result = parallel.upload(
+                    self.job.input(source),
+                    self.job.destination,
+                    self.job.metadata,
+                    transport=self.transport,
+                    recorder=parts,
                 )
+            except GcsstreamError as exc:
+                jobs.name_unfinished(exc, parts)
+                raise
             finally:
                 self.job.release()
+            jobs.remember_finished(parts, result.resource)
+            return result
         try:
             result = self.uploader().upload(
                 self.job.input(source),
@@ -128,6 +137,8 @@ _FROM_JOURNAL = (
     "if_generation_match",
     "size",
     "session_uri",
+    "parallel",
+    "part_size",
 )
 
 
@@ -171,8 +182,6 @@ def _plan(url: str, **options: Any) -> _Plan:
     parts = ParallelOptions(o.parallel, parse_size(o.part_size))
     if parts.parallel > 1:
         parts.check(upload_options)  # a composed object has no MD5
-        if o.journal or o.session_uri:
-            raise UsageError("parallel= uploads are not resumable yet: no journal=, session_uri= or resume=")
     transport = _transport(o.endpoint, o.credentials, o.project, anonymous=o.session_uri is not None)
     try:
         destination = parse_gs_url(url)
@@ -189,6 +198,7 @@ def _plan(url: str, **options: Any) -> _Plan:
             endpoint=transport.endpoint,
             journal=journal,
             session_uri=o.session_uri,
+            parallel=parts if parts.parallel > 1 else None,
         )
     except BaseException:
         transport.close()
@@ -196,14 +206,12 @@ def _plan(url: str, **options: Any) -> _Plan:
     if parts.parallel == 1:
         return _Plan(job, transport, o.progress)
     connect = functools.partial(_transport, o.endpoint, o.credentials, o.project)
-    return _Plan(job, transport, o.progress, parallel=parts, connect=connect)
+    return _Plan(job, transport, o.progress, connect=connect)
 
 
 def _resume_plan(url: str, given: dict[str, Any]) -> _Plan:
     """``resume=ID`` or ``resume=SESSION_URI``: continue an upload as ``gcsstream resume`` does,
     with its journal's options (a session URI no journal knows: the session's own)."""
-    if int(given.get("parallel", 1)) > 1:
-        raise UsageError("parallel= uploads are not resumable yet: no journal=, session_uri= or resume=")
     conflicting = sorted(key for key in given if key in _FROM_JOURNAL)
     if conflicting:
         raise UsageError(
@@ -227,7 +235,12 @@ def _resume_plan(url: str, given: dict[str, Any]) -> _Plan:
     except BaseException:
         job.release()
         raise
-    return _Plan(plan, transport, given.get("progress"), job)
+    connect = (
+        functools.partial(_transport, endpoint, credentials, given.get("project"), anonymous=anonymous)
+        if plan.parallel is not None
+        else None
+    )
+    return _Plan(plan, transport, given.get("progress"), job, connect=connect)
 
 
 class _Upload:
@@ -423,8 +436,9 @@ def open_upload(
             options come from the journal (passing them is refused). A session URI no journal
             knows is continued like ``session_uri=``. Raises ``Busy`` if another process drives it.
         parallel: upload this many parts at once, each over its own connection, then compose
-            them (as ``gcsstream put --parallel``): CRC32C only, not resumable yet; memory is
-            about ``parallel`` parts.
+            them (as ``gcsstream put --parallel``): CRC32C only; memory is about ``parallel``
+            parts. With ``journal=True`` it is resumable (``resume=`` takes the parts from the
+            journal).
         part_size: bytes per part (default 64 MiB), a multiple of 256 KiB.
 
     Raises ``GcsstreamError`` subclasses (see ``gcsstream.errors``) from ``write`` or ``close``.

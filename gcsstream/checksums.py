@@ -34,14 +34,16 @@ def _multmodp(a: int, b: int) -> int:
 
 
 def _powers() -> list[int]:
+    # x^(2^k) for every bit of a 64-bit length in bits. zlib wraps its table at 32 entries, which
+    # holds for its polynomial only: for Castagnoli's, a wrapped table is wrong from 512 MiB on.
     table, p = [], 1 << 30  # x^1
-    for _ in range(32):
+    for _ in range(67):
         table.append(p)
         p = _multmodp(p, p)
     return table
 
 
-_X2N = _powers()  # x^(2^k) modulo the polynomial
+_X2N = _powers()  # x^(2^k) modulo the polynomial, k < 67
 
 
 def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
@@ -51,7 +53,7 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     p, k, n = 1 << 31, 3, len2  # x^0; 2^3 bits per byte
     while n:
         if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
+            p = _multmodp(_X2N[k], p)
         n >>= 1
         k += 1
     return _multmodp(p, crc1) ^ crc2

@@ -57,8 +57,9 @@ from gcsstream.progress import (
 from gcsstream.redact import printable, redact
 
 if TYPE_CHECKING:  # each loads in the command that uses it: start-up (--help, completion) stays instant
-    from gcsstream.engine import UploadResult
-    from gcsstream.journal import Journal, JournalEntry, JournalRecorder
+    from gcsstream.engine import Uploader, UploadResult
+    from gcsstream.jobs import UploadPlan
+    from gcsstream.journal import Journal, JournalEntry, JournalRecorder, PartsRecorder
     from gcsstream.sources import ChunkSource
     from gcsstream.transport import Transport
 
@@ -340,8 +341,8 @@ def put(
         int,
         typer.Option(
             metavar="N",
-            help="Upload N parts at once over N connections, then compose them (1: one stream). "
-            "Not resumable yet; see the README's Parallel uploads.",
+            help="Upload N parts at once over N connections, then compose them (1: one stream); "
+            "see the README's Parallel uploads.",
         ),
     ] = DEFAULT_PARALLEL,
     part_size: Annotated[
@@ -369,7 +370,7 @@ def put(
     """
     from gcsstream import jobs
     from gcsstream.engine import Uploader
-    from gcsstream.sources import GzipSource, ProducerSource
+    from gcsstream.sources import ProducerSource
     from gcsstream.transport import Transport
 
     if debug:
@@ -405,36 +406,18 @@ def put(
         metadata=parse_metadata(metadata or []),
     )
     destination = parse_gs_url(dest, default_name=None if src in ("-", "") else os.path.basename(src))
-    parts = ParallelOptions(parallel, check_part_size(parse_size(part_size)))
-    if parallel > 1:  # no journal: an interrupted parallel upload is not resumable yet
-        from gcsstream.parallel import ParallelUploader
-
-        rate = parse_size(limit_rate) / parallel if limit_rate else None  # shared by the connections
-        connect = functools.partial(
-            Transport.connect, endpoint, credentials_file=credentials, user_project=project,
-            io_timeout=io_timeout, rate_limit=rate,
-        )  # fmt: skip
-        state = ProgressState(str(destination))
-        warn = lambda m: say(f"warning: {printable(m)}")  # noqa: E731
-        # Built before the source is opened: what a composed object cannot honour is refused first.
-        parallel_uploader = ParallelUploader(connect, options, parts, on_event=state.record, warn=warn)
-        raw = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
-        stream = GzipSource(raw) if gzip else raw
-        with connect() as transport, display(state, mode=progress, interval=progress_interval, quiet=quiet):
-            _watch_for_emulator(transport, quiet)
-            result = parallel_uploader.upload(stream, destination, object_metadata, transport=transport)
-        _finished(result, None, 0, json_output=json_output, quiet=quiet, gzip=gzip)
-        return
+    parts = ParallelOptions(parallel, check_part_size(parse_size(part_size))) if parallel > 1 else None
+    rate = parse_size(limit_rate) // (parts.parallel if parts else 1) if limit_rate else None
+    connect = functools.partial(
+        Transport.connect, endpoint, credentials_file=credentials, user_project=project,
+        io_timeout=io_timeout, rate_limit=rate,
+    )  # fmt: skip
+    if parts is not None:
+        parts.check(options)  # what a composed object cannot honour is refused before anything opens
     journal = _journal()
     journal.check_writable()
     raw_source = ProducerSource(exec_command) if exec_command is not None else _open_source(src)
-    with Transport.connect(
-        endpoint,
-        credentials_file=credentials,
-        user_project=project,
-        io_timeout=io_timeout,
-        rate_limit=parse_size(limit_rate) if limit_rate else None,
-    ) as transport:
+    with connect() as transport:
         _watch_for_emulator(transport, quiet)
         plan = jobs.plan_new(
             destination,
@@ -445,6 +428,7 @@ def put(
             gzip=gzip,
             earlier_of=raw_source,
             restart=restart,
+            parallel=parts,
         )
         source = plan.input(raw_source)
         state = ProgressState(str(destination), source.size)
@@ -464,15 +448,35 @@ def put(
                 f"({human_bytes(plan.entry.persisted)} stored; --restart starts afresh)",
                 quiet,
             )
-        recorder = plan.recorder(raw_source)
+        recorder, run = _upload_run(plan, raw_source, source, transport, uploader, connect, state)
         with display(state, mode=progress, interval=progress_interval, quiet=quiet):
-            result = _resumable(
-                recorder,
-                lambda: uploader.upload(
-                    source, destination, plan.metadata, recorder=recorder, resume=plan.resume
-                ),
-            )
+            result = _resumable(recorder, run)
     _finished(result, recorder, state.resumed_at, json_output=json_output, quiet=quiet, gzip=gzip)
+
+
+def _upload_run(
+    plan: UploadPlan,
+    raw_source: ChunkSource,
+    source: ChunkSource,
+    transport: Transport,
+    uploader: Uploader,
+    connect: Callable[[], Transport],
+    state: ProgressState,
+) -> tuple[JournalRecorder | PartsRecorder | None, Callable[[], UploadResult]]:
+    """The recorder and the upload of a planned run: through one session, or in parallel parts."""
+    if plan.parallel is None:
+        recorder = plan.recorder(raw_source)
+        return recorder, lambda: uploader.upload(
+            source, plan.destination, plan.metadata, recorder=recorder, resume=plan.resume
+        )
+    from gcsstream.parallel import ParallelUploader
+
+    warn = lambda m: say(f"warning: {printable(m)}")  # noqa: E731
+    parallel = ParallelUploader(connect, plan.options, plan.parallel, on_event=state.record, warn=warn)
+    parts_recorder = plan.parts_recorder(raw_source)
+    return parts_recorder, lambda: parallel.upload(
+        source, plan.destination, plan.metadata, transport=transport, recorder=parts_recorder
+    )
 
 
 @app.command(cls=_Command, epilog=RESUME_EXAMPLES + "\n" + EXIT_CODES)
@@ -541,25 +545,19 @@ def resume(
     source = plan.input(raw_source)
     # A bare session URI is its own credential: no Google credentials are needed to use it.
     service, anonymous = job.connection(credentials=credentials is not None, endpoint=endpoint)
-    with Transport.connect(
-        service,
-        credentials_file=credentials,
-        user_project=project,
-        io_timeout=io_timeout,
-        anonymous=anonymous,
-        rate_limit=parse_size(limit_rate) if limit_rate else None,
-    ) as transport:
+    connections = plan.parallel.parallel if plan.parallel else 1
+    connect = functools.partial(
+        Transport.connect, service, credentials_file=credentials, user_project=project,
+        io_timeout=io_timeout, anonymous=anonymous,
+        rate_limit=parse_size(limit_rate) // connections if limit_rate else None,
+    )  # fmt: skip
+    with connect() as transport:
         _watch_for_emulator(transport, quiet)
         state = ProgressState(str(plan.destination), source.size)
         uploader = Uploader(transport, plan.options, on_event=state.record)
-        recorder = plan.recorder(raw_source)
+        recorder, run = _upload_run(plan, raw_source, source, transport, uploader, connect, state)
         with display(state, mode=progress, interval=progress_interval, quiet=quiet):
-            result = _resumable(
-                recorder,
-                lambda: uploader.upload(
-                    source, plan.destination, plan.metadata, recorder=recorder, resume=plan.resume
-                ),
-            )
+            result = _resumable(recorder, run)
     _finished(result, recorder, state.resumed_at, json_output=json_output, quiet=quiet, gzip=plan.gzip)
 
 
@@ -754,6 +752,8 @@ def sessions(
         expired = " (expired)" if e.expired else ""
         driven = f" (being driven by process {drivers[e.id]})" if drivers[e.id] else ""
         held = human_bytes(e.persisted)
+        if e.is_parallel:  # its parts are objects; `abort` deletes them
+            held += f" in {len(e.parts)} part{'s' if len(e.parts) != 1 else ''}"
         cells = [e.id, held, _age(e.created), e.endpoint, e.destination]
         rows.append([*map(printable, cells), f"{source}{expired}{driven}"])
     header = ["ID", "HELD", "AGE", "ENDPOINT", "DESTINATION", "SOURCE"]
@@ -782,6 +782,15 @@ def status(
         _print_finished(done.record, json_output)
         return
     entry, destination = found.entry, found.destination
+    if entry is not None and entry.is_parallel:  # its parts are in the journal, checked on resume
+        parts = {**jobs.entry_summary(entry), "upload": entry.id, "finished": False}
+        print(
+            json.dumps(parts)
+            if json_output
+            else f"{entry.id} {printable(str(destination))}: {len(entry.parts)} parts "
+            f"({human_bytes(entry.persisted)}) stored, {len(entry.running)} uploading"
+        )
+        return
     with _transport_for(entry, found.session_uri, credentials, by_uri=found.by_uri) as transport:
         state = Uploader(transport).session_status(found.session_uri, destination)
     shown = printable(str(destination))
@@ -975,7 +984,7 @@ def _age(created: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _resumable(recorder: JournalRecorder | None, run: Callable[[], T]) -> T:
+def _resumable(recorder: JournalRecorder | PartsRecorder | None, run: Callable[[], T]) -> T:
     """Run an upload; if it stops short, say what is stored and how to continue."""
     from gcsstream import jobs
 
@@ -995,7 +1004,7 @@ def _resumable(recorder: JournalRecorder | None, run: Callable[[], T]) -> T:
 
 def _finished(
     result: UploadResult,
-    recorder: JournalRecorder | None,
+    recorder: JournalRecorder | PartsRecorder | None,
     resumed_at: int,
     *,
     json_output: bool,
@@ -1016,7 +1025,7 @@ def _report(
     quiet: bool,
     note: str = "",
     resumed_at: int = 0,
-    recorder: JournalRecorder | None = None,
+    recorder: JournalRecorder | PartsRecorder | None = None,
 ) -> None:
     if json_output:
         summary = result.summary()

@@ -153,6 +153,11 @@ class Uploader:
         self._sleep = sleep
         self._clock = clock
 
+    @property
+    def transport(self) -> HTTPTransport:
+        """Where this uploader's requests go."""
+        return self._transport
+
     def upload(
         self,
         source: ChunkSource,

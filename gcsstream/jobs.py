@@ -29,11 +29,12 @@ from gcsstream.errors import (
     TransientError,
     UsageError,
 )
-from gcsstream.journal import Journal, JournalEntry, JournalRecorder, UploadSettings
+from gcsstream.journal import Journal, JournalEntry, JournalRecorder, PartsRecorder, UploadSettings
 from gcsstream.options import (
     DEFAULT_CHUNK_SIZE,
     ObjectMetadata,
     ObjectURL,
+    ParallelOptions,
     UploadOptions,
     origin,
     parse_gs_url,
@@ -302,8 +303,23 @@ def continuation(
 
 
 def _metadata_of(entry: JournalEntry) -> ObjectMetadata:
-    """A continued upload's metadata: the session fixed the object's; its type names it in results."""
+    """A continued upload's metadata. A single session fixed the object's (its type names it in
+    results); a parallel upload's final compose sets the journal's."""
+    if entry.is_parallel:
+        return ObjectMetadata.from_resource(entry.resource)
     return ObjectMetadata(content_type=str(entry.resource.get("contentType", "application/octet-stream")))
+
+
+def _parallel_of(entry: JournalEntry) -> ParallelOptions:
+    return ParallelOptions(entry.connections, entry.part_size)
+
+
+def _same_kind(entry: JournalEntry, parallel: ParallelOptions | None) -> bool:
+    """Whether a new run with ``parallel`` may continue ``entry``: one session continues one, and
+    a parallel upload one with the same parts and connections."""
+    if parallel is None:
+        return not entry.is_parallel
+    return (entry.part_size, entry.connections) == (parallel.part_size, parallel.parallel)
 
 
 @dataclass
@@ -327,14 +343,17 @@ class UploadPlan:
     left: list[tuple[JournalEntry, str]] = field(default_factory=list)
     #: Earlier uploads of the same file to cancel and forget before this one (``--restart``).
     replace: list[JournalEntry] = field(default_factory=list)
+    #: A parallel upload's parts and connections (None: one session).
+    parallel: ParallelOptions | None = None
 
     def input(self, source: ChunkSource) -> ChunkSource:
         """The chunk source the engine reads: ``source``, compressed if this upload is gzip's."""
         return GzipSource(source) if self.gzip else source
 
     def recorder(self, source: ChunkSource) -> JournalRecorder | None:
-        """The journal recorder of this run (``source`` is the input as given), if it is journaled."""
-        if self.journal is None:
+        """The journal recorder of a run through one session (``source`` is the input as given),
+        if it is journaled."""
+        if self.journal is None or self.parallel is not None:
             return None
         if self.entry is not None:
             return JournalRecorder(self.journal, self.entry)
@@ -343,12 +362,36 @@ class UploadPlan:
             self.journal, self.settings, chunk_size=self.options.chunk_size, source=source_identity(source)
         )
 
+    def parts_recorder(self, source: ChunkSource) -> PartsRecorder | None:
+        """The journal recorder of a parallel run, if it is journaled."""
+        if self.journal is None or self.parallel is None:
+            return None
+        if self.entry is not None:
+            return PartsRecorder(self.journal, self.entry)
+        assert self.settings is not None
+        return PartsRecorder.for_new(
+            self.journal,
+            self.settings,
+            chunk_size=self.options.chunk_size,
+            source=source_identity(source),
+            part_size=self.parallel.part_size,
+            connections=self.parallel.parallel,
+        )
+
     def cancel_replaced(self, uploader: Uploader) -> None:
-        """Cancel the sessions ``--restart`` replaces (best effort: one may be gone) and forget them."""
+        """Cancel the uploads ``--restart`` replaces (best effort: one may be gone) and forget them."""
         assert self.journal is not None or not self.replace
         for entry in self.replace:
-            with contextlib.suppress(GcsstreamError):
-                uploader.cancel(entry.session_uri, self.destination)
+            if entry.is_parallel:
+                from gcsstream.parallel import discard_parts
+
+                try:
+                    discard_parts(entry, uploader)
+                except GcsstreamError:
+                    continue  # its parts are objects: kept in its entry, for `abort`
+            else:
+                with contextlib.suppress(GcsstreamError):
+                    uploader.cancel(entry.session_uri, self.destination)
             if self.journal is not None:
                 self.journal.remove(entry.id)
 
@@ -368,6 +411,7 @@ def plan_new(
     session_uri: str | None = None,
     earlier_of: ChunkSource | None = None,
     restart: bool = False,
+    parallel: ParallelOptions | None = None,
 ) -> UploadPlan:
     """The plan of a new upload to ``endpoint`` (the transport's, resolved).
 
@@ -375,11 +419,14 @@ def plan_new(
     whole input is sent again from its start and the held prefix skipped). ``earlier_of``: the
     input, if an earlier unfinished upload of the same, unchanged file with the same settings
     should be continued instead of starting afresh (``restart``: cancel such uploads instead).
+    ``parallel``: upload in parts (a parallel upload continues only one with the same parts).
     """
     from gcsstream.engine import Resume
 
     if journal is not None and session_uri is not None:
         raise UsageError("journal=True journals new uploads; a session_uri has no journal")
+    if parallel is not None and session_uri is not None:
+        raise UsageError("a session_uri is one session: it cannot be continued in parallel parts")
     settings = None
     if journal is not None:
         settings = UploadSettings(
@@ -399,6 +446,7 @@ def plan_new(
         journal=journal,
         settings=settings,
         gzip=gzip,
+        parallel=parallel,
     )
     if journal is None or settings is None or earlier_of is None:
         return plan
@@ -406,7 +454,9 @@ def plan_new(
     if identity["kind"] != "file":
         return plan
     candidates = [
-        e for e in journal.entries() if e.destination == str(destination) and continuable(e, identity)
+        e
+        for e in journal.entries()
+        if e.destination == str(destination) and continuable(e, identity) and _same_kind(e, parallel)
     ]
     decided = continuation(journal, candidates, settings, restart=restart)
     plan.left, plan.replace = decided.left, decided.replace
@@ -414,7 +464,8 @@ def plan_new(
         entry = decided.entry
         plan.entry = entry
         plan.metadata = _metadata_of(entry)
-        plan.resume = Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c))
+        if not entry.is_parallel:
+            plan.resume = Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c))
     return plan
 
 
@@ -494,10 +545,13 @@ class Continuing:
             self.destination,
             options,
             _metadata_of(entry),
-            resume=Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c)),
+            resume=None
+            if entry.is_parallel
+            else Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c)),
             journal=self.journal,
             entry=entry,
             gzip=entry.gzip,
+            parallel=_parallel_of(entry) if entry.is_parallel else None,
         )
 
     def release(self) -> None:
@@ -527,23 +581,31 @@ def resume_command(entry: JournalEntry) -> str:
 
 
 def name_unfinished(
-    error: GcsstreamError, recorder: JournalRecorder | None, *, with_session: bool = False
+    error: GcsstreamError, recorder: JournalRecorder | PartsRecorder | None, *, with_session: bool = False
 ) -> GcsstreamError:
     """``error``, naming the journaled upload it left unfinished (``upload_id``; with
     ``with_session`` its session URI too, for the library's ``session_uri=``)."""
     if recorder is not None and recorder.entry is not None and not recorder.done:
         error.upload_id = recorder.entry.id
-        if with_session and error.session_uri is None:
+        if with_session and error.session_uri is None and not recorder.entry.is_parallel:
             error.session_uri = recorder.entry.session_uri
     return error
 
 
-def stopped_message(reason: str, recorder: JournalRecorder | None) -> str:
+def stopped_message(reason: str, recorder: JournalRecorder | PartsRecorder | None) -> str:
     """Why a run stopped short, what the service holds, and how to continue."""
     entry = recorder.entry if recorder else None
     if entry is None:
         return f"{reason}; nothing was stored"
     again = resume_command(entry)
+    if entry.is_parallel:
+        count = len(entry.parts)
+        stored = (
+            f"{count} part{'s' if count != 1 else ''} ({human_bytes(entry.persisted)}) are stored"
+            if count
+            else "no part was stored yet"
+        )
+        return f"{reason}; {stored}; continue with: {again}"
     # What the service last confirmed: it may hold more (a chunk whose answer was cut off).
     stored = (
         f"at least {entry.persisted} bytes ({human_bytes(entry.persisted)}) are stored "
@@ -554,7 +616,9 @@ def stopped_message(reason: str, recorder: JournalRecorder | None) -> str:
     return f"{reason}; {stored}; continue with: {again}"
 
 
-def stopped(kind: type[GcsstreamError], reason: str, recorder: JournalRecorder | None) -> GcsstreamError:
+def stopped(
+    kind: type[GcsstreamError], reason: str, recorder: JournalRecorder | PartsRecorder | None
+) -> GcsstreamError:
     """The error of a run stopped short (a signal, retries run out): it names the upload to resume."""
     return name_unfinished(kind(stopped_message(reason, recorder)), recorder)
 
@@ -564,7 +628,7 @@ def resumable_after(error: BaseException | None) -> bool:
     return isinstance(error, (TransientError, Interrupted, PrefixMismatch))
 
 
-def remember_finished(recorder: JournalRecorder | None, resource: dict[str, Any]) -> None:
+def remember_finished(recorder: JournalRecorder | PartsRecorder | None, resource: dict[str, Any]) -> None:
     """Keep a record of the object a journaled upload created, for ``gcsstream status ID``."""
     from gcsstream.history import record_finished
 
@@ -579,6 +643,8 @@ def probe(entry: JournalEntry, connect: Callable[[], Transport]) -> str:
     """'held', 'finished' or 'gone' for a journal entry, asking the service (not if it expired)."""
     from gcsstream.engine import Uploader
 
+    if entry.is_parallel:
+        return "held"  # its parts are objects: they do not expire (``abort`` deletes them)
     if entry.expired:
         return "gone"
     try:
@@ -623,7 +689,14 @@ def prune(
 
 
 def abort(journal: Journal, found: Found, uploader: Uploader) -> bool:
-    """Cancel an upload on the service and forget its journal; False if it was already gone."""
+    """Cancel an upload on the service and forget its journal; False if it was already gone.
+    A parallel upload's sessions are cancelled and its temporary objects deleted."""
+    if found.entry is not None and found.entry.is_parallel:
+        from gcsstream.parallel import discard_parts
+
+        known = discard_parts(found.entry, uploader)
+        journal.remove(found.entry.id)
+        return known
     known = uploader.cancel(found.session_uri, found.destination)
     if found.entry is not None:
         journal.remove(found.entry.id)
@@ -639,4 +712,5 @@ def entry_summary(entry: JournalEntry) -> dict[str, Any]:
         "age_seconds": round(time.time() - entry.created),
         "source": entry.source,
         "expired": entry.expired,
+        **({"parts": len(entry.parts), "running": len(entry.running)} if entry.is_parallel else {}),
     }

@@ -34,16 +34,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gcsstream.errors import Busy, NotFoundError, UsageError
-from gcsstream.options import CHECKSUM_MODES, origin, parse_gs_url
+from gcsstream.errors import Busy, Interrupted, NotFoundError, UsageError
+from gcsstream.options import CHECKSUM_MODES, CHUNK_QUANTUM, MAX_PARALLEL, ObjectURL, origin, parse_gs_url
 
 #: Sessions live for up to a week on the service.
 SESSION_LIFETIME = 7 * 24 * 3600
-#: A journal entry is a few hundred bytes; anything far larger is not one of ours.
-MAX_ENTRY_BYTES = 64 * 1024
-#: The entry format this gcsstream writes. 1: no ``schema`` field (before parts); 2: parts of
-#: parallel uploads. An entry of a newer schema is skipped, never rewritten or removed.
-SCHEMA = 2
+#: A single upload's entry is a few hundred bytes; a parallel one's about 40 bytes per part (some
+#: 100,000 parts). Anything larger is not one of ours.
+MAX_ENTRY_BYTES = 4 * 1024 * 1024
+#: The newest entry format this gcsstream reads and writes. 1: no ``schema`` field; 2: the field;
+#: 3: parallel uploads (a ``parallel`` record of parts). An entry is written in the oldest schema
+#: that holds it, so an older gcsstream still reads single uploads' entries. An entry of a newer
+#: schema is skipped, never rewritten or removed.
+SCHEMA = 3
+#: The schema of an entry without parts.
+_SINGLE_SCHEMA = 2
 _ID_RE = re.compile(r"^[0-9a-f]{1,32}$")
 
 log = logging.getLogger("gcsstream.journal")
@@ -88,25 +93,17 @@ class UploadSettings:
         return found
 
 
-def part_prefix(object_name: str, upload_id: str) -> str:
-    """Where a parallel upload's temporary objects live, beside its destination:
-    ``OBJECT.gcsstream-parts/ID/``. A journal naming any other object as a part is refused, so
-    that cleaning parts up can never delete an object of the user's."""
-    return f"{object_name}.gcsstream-parts/{upload_id}/"
-
-
 @dataclass(frozen=True)
 class FinishedPart:
-    """A part of a parallel upload that is stored, as a temporary object, and verified."""
+    """A part of a parallel upload that is stored, as a temporary object, and verified. Its
+    object's name and its offset in the stream follow from its index (``JournalEntry.part_name``,
+    ``part_size``): they are never read from the file, so a journal cannot name another object."""
 
     index: int
-    #: Where its bytes start in the whole stream.
-    offset: int
     size: int
     #: CRC32C of its bytes (checked against the re-read stream before it is skipped on resume).
     crc32c: int
-    #: The temporary object (under ``part_prefix``) and its generation.
-    name: str
+    #: The generation of its temporary object (the one deleted once it is composed).
     generation: int
 
 
@@ -115,9 +112,7 @@ class RunningPart:
     """A part of a parallel upload whose resumable session was open when the entry was written."""
 
     index: int
-    offset: int
-    name: str
-    #: Its session: a credential, like the entry's own.
+    #: Its session: a credential, like a single upload's ``session_uri``.
     session_uri: str
 
 
@@ -125,51 +120,60 @@ def _non_negative_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _parts_from_json(data: dict[str, Any], entry_id: str) -> tuple[list[FinishedPart], list[RunningPart]]:
-    """The validated parts of an entry: each field typed, names under the destination's
-    ``part_prefix``, sessions on the endpoint, indexes and offsets in order and no part overlapping
-    the next (running parts fill the gaps between finished ones)."""
-    prefix = part_prefix(parse_gs_url(data["destination"]).name, entry_id)
-    found: list[FinishedPart | RunningPart] = []
-    for key, kind in (("parts", FinishedPart), ("running", RunningPart)):
-        listed = data.get(key, [])
+def _on_endpoint(url: Any, endpoint: str) -> bool:
+    return (
+        isinstance(url, str)
+        and url.startswith(("http://", "https://"))
+        and bool(urllib.parse.urlsplit(url).netloc)
+        and origin(url) == origin(endpoint)
+    )
+
+
+def _parallel_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a parallel upload's ``parallel`` record, validated: every part but the
+    stream's last is ``part_size`` long, sessions are on the endpoint, no part is both finished
+    and running, and no more parts run than there are connections."""
+    record = data.pop("parallel")
+    if not isinstance(record, dict) or set(record) != {"part_size", "connections", "parts", "running"}:
+        raise ValueError("'parallel' is not a parallel upload's record")
+    part_size, connections = record["part_size"], record["connections"]
+    if not (_non_negative_int(part_size) and part_size > 0 and part_size % CHUNK_QUANTUM == 0):
+        raise ValueError("'part_size' is not a positive multiple of 256 KiB")
+    if not (_non_negative_int(connections) and 2 <= connections <= MAX_PARALLEL):
+        raise ValueError(f"'connections' is not between 2 and {MAX_PARALLEL}")
+    finished: list[FinishedPart] = []
+    running: list[RunningPart] = []
+    for key, width in (("parts", 4), ("running", 2)):
+        listed = record[key]
         if not isinstance(listed, list):
             raise ValueError(f"{key!r} is not a list")
-        names = set(kind.__dataclass_fields__)
         previous = -1
         for item in listed:
-            if not isinstance(item, dict) or set(item) != names:
+            if not isinstance(item, list) or len(item) != width:
                 raise ValueError(f"{key!r} holds something that is not a part")
-            for name in names - {"name", "session_uri"}:
-                if not _non_negative_int(item[name]):
-                    raise ValueError(f"a part's {name!r} is not a non-negative integer")
-            if not isinstance(item["name"], str) or not (
-                item["name"].startswith(prefix) and len(item["name"]) > len(prefix)
-            ):
-                raise ValueError(f"a part's object is not under {prefix!r}")
-            if kind is FinishedPart and not (item["size"] > 0 and item["crc32c"] < 1 << 32):
-                raise ValueError("a part's size or crc32c is out of range")
-            if kind is RunningPart and not (
-                isinstance(item["session_uri"], str)
-                and item["session_uri"].startswith(("http://", "https://"))
-                and origin(item["session_uri"]) == origin(data["endpoint"])
-            ):
-                raise ValueError("a running part's session URI is not on its endpoint")
-            if item["index"] <= previous:
+            if not _non_negative_int(item[0]) or item[0] <= previous:
                 raise ValueError(f"{key!r} are not in order")
-            previous = item["index"]
-            found.append(kind(**item))
-    found.sort(key=lambda part: part.index)
-    for part, after in zip(found, found[1:], strict=False):
-        if after.index == part.index:
-            raise ValueError(f"part {part.index} is both finished and running")
-        end = part.offset + part.size if isinstance(part, FinishedPart) else part.offset + 1
-        if after.offset < end:
-            raise ValueError(f"part {after.index} overlaps part {part.index} or is out of order")
-    return (
-        [p for p in found if isinstance(p, FinishedPart)],
-        [p for p in found if isinstance(p, RunningPart)],
-    )
+            previous = item[0]
+            if key == "parts":
+                if not all(_non_negative_int(v) for v in item):
+                    raise ValueError("a part's fields are not non-negative integers")
+                if not (0 < item[1] <= part_size and item[2] < 1 << 32):
+                    raise ValueError("a part's size or crc32c is out of range")
+                finished.append(FinishedPart(*item))
+            else:
+                if not _on_endpoint(item[1], data["endpoint"]):
+                    raise ValueError("a running part's session URI is not on its endpoint")
+                running.append(RunningPart(*item))
+    done = {p.index for p in finished}
+    if done & {p.index for p in running}:
+        raise ValueError("a part is both finished and running")
+    if len(running) > connections:
+        raise ValueError("more parts are running than it has connections")
+    short = [p for p in finished if p.size < part_size]
+    last = max(done, default=-1)
+    if short and (short[0].index != last or any(p.index > last for p in running)):
+        raise ValueError("a part other than the stream's last is shorter than 'part_size'")
+    return {"part_size": part_size, "connections": connections, "parts": finished, "running": running}
 
 
 @dataclass
@@ -195,10 +199,36 @@ class JournalEntry:
     updated: float = field(default_factory=time.time)
     #: The format of the entry (``SCHEMA``); one read from an older schema is upgraded in memory.
     schema: int = SCHEMA
-    #: A parallel upload's finished parts, in order, and its parts still running; both empty
-    #: for an upload through one session.
+    #: A parallel upload's part size and connections (0 for an upload through one session, whose
+    #: ``session_uri`` is then set), its finished parts, in order, and its parts still running.
+    part_size: int = 0
+    connections: int = 0
     parts: list[FinishedPart] = field(default_factory=list)
     running: list[RunningPart] = field(default_factory=list)
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.part_size > 0
+
+    def part_name(self, index: int) -> ObjectURL:
+        """The temporary object of a parallel upload's part ``index`` (derived, never stored)."""
+        return parse_gs_url(self.destination).temporary(self.id, f"{index:06d}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as written: the oldest schema that holds it."""
+        data = asdict(self)
+        for key in ("part_size", "connections", "parts", "running"):
+            del data[key]
+        if not self.is_parallel:
+            data["schema"] = _SINGLE_SCHEMA
+            return data
+        data["parallel"] = {
+            "part_size": self.part_size,
+            "connections": self.connections,
+            "parts": [[p.index, p.size, p.crc32c, p.generation] for p in self.parts],
+            "running": [[p.index, p.session_uri] for p in self.running],
+        }
+        return data
 
     @property
     def is_stream(self) -> bool:
@@ -206,7 +236,8 @@ class JournalEntry:
 
     @property
     def expired(self) -> bool:
-        return time.time() - self.created > SESSION_LIFETIME
+        """A session's lifetime is over (a parallel upload's parts are objects: they stay)."""
+        return not self.is_parallel and time.time() - self.created > SESSION_LIFETIME
 
     @property
     def settings(self) -> UploadSettings:
@@ -234,17 +265,19 @@ class JournalEntry:
                 f"it was written by a newer gcsstream (journal schema {schema}; this one reads up to "
                 f"{SCHEMA}): use that version to resume it; it is left as it is"
             )
-        if schema < 2:  # before parts: they are unknown fields there, as they were then
-            for key in ("parts", "running"):
-                if key in data:
-                    raise ValueError(f"unknown field {key!r}")
+        for key in ("part_size", "connections", "parts", "running"):  # only inside ``parallel``
+            if key in data:
+                raise ValueError(f"unknown field {key!r}")
+        parallel = "parallel" in data
+        if parallel and schema < 3:
+            raise ValueError("unknown field 'parallel'")
         if "gzip" not in data and isinstance(data.get("source"), dict):  # journals before 0.x
             data["gzip"] = bool(data["source"].get("gzip"))
         ints = {"chunk_size", "persisted", "persisted_crc32c"}
         optional_ints = {"if_generation_match", "expected_size"}
         strings = {"id", "session_uri", "destination", "endpoint", "checksum"}
         for key in data:
-            if key not in cls.__dataclass_fields__:
+            if key not in cls.__dataclass_fields__ and key != "parallel":
                 raise ValueError(f"unknown field {key!r}")
         for key in (
             "id",
@@ -278,13 +311,20 @@ class JournalEntry:
             raise ValueError(f"its id {data['id']!r} is not its file name")
         if data["checksum"] not in CHECKSUM_MODES:
             raise ValueError("'checksum' is not a checksum mode")
-        for key in ("endpoint", "session_uri"):
-            if (
-                not data[key].startswith(("http://", "https://"))
-                or not urllib.parse.urlsplit(data[key]).netloc
-            ):
-                raise ValueError(f"{key!r} is not an http(s) URL")
-        if origin(data["session_uri"]) != origin(data["endpoint"]):
+        if (
+            not data["endpoint"].startswith(("http://", "https://"))
+            or not urllib.parse.urlsplit(data["endpoint"]).netloc
+        ):
+            raise ValueError("'endpoint' is not an http(s) URL")
+        if parallel:  # its sessions are its parts'
+            if data["session_uri"]:
+                raise ValueError("a parallel upload's entry has a session URI")
+        elif (
+            not data["session_uri"].startswith(("http://", "https://"))
+            or not urllib.parse.urlsplit(data["session_uri"]).netloc
+        ):
+            raise ValueError("'session_uri' is not an http(s) URL")
+        elif origin(data["session_uri"]) != origin(data["endpoint"]):
             raise ValueError("its session URI is not on its endpoint")
         try:
             parse_gs_url(data["destination"])
@@ -299,8 +339,28 @@ class JournalEntry:
             and isinstance(source.get("mtime_ns"), int)
         ):
             raise ValueError("'source' is not a file's path, size and mtime")
-        data["parts"], data["running"] = _parts_from_json(data, entry_id)
-        return cls(**data, schema=SCHEMA)
+        fields = _parallel_from_json(data) if parallel else {}
+        entry = cls(**data, **fields, schema=SCHEMA)
+        if parallel:
+            try:
+                entry.part_name(0)
+            except UsageError:
+                raise ValueError("its object name is too long for a parallel upload") from None
+        return entry
+
+
+def _encoded(entry: JournalEntry) -> bytes:
+    """The bytes of an entry's file: readable JSON, compact for a parallel upload's many parts."""
+    data = entry.to_json()
+    raw = (
+        json.dumps(data, separators=(",", ":")) if entry.is_parallel else json.dumps(data, indent=1)
+    ).encode()
+    if len(raw) > MAX_ENTRY_BYTES:
+        raise UsageError(
+            f"upload {entry.id} has too many parts to journal ({len(entry.parts) + len(entry.running)}): "
+            "use a larger --part-size"
+        )
+    return raw
 
 
 class EntryLock:
@@ -395,11 +455,12 @@ class Journal:
 
     # -- entries ----------------------------------------------------------------------------------
 
-    def new_entry(self, **fields: Any) -> JournalEntry:
-        """An entry with a fresh short id, locked by this process, written before the first byte."""
+    def new_entry(self, *, id_bytes: int = 4, **fields: Any) -> JournalEntry:
+        """An entry with a fresh id (``id_bytes`` random bytes: short to type, longer where it
+        also names temporary objects), locked by this process, written before the first byte."""
         self._ensure_directory()
         while True:
-            entry_id = secrets.token_hex(4)
+            entry_id = secrets.token_hex(id_bytes)
             if self._path(entry_id).exists() or self._lock_path(entry_id).exists():
                 continue
             try:
@@ -416,9 +477,7 @@ class Journal:
     def write(self, entry: JournalEntry) -> None:
         entry.updated = time.time()
         try:
-            replace_privately(
-                self._path(entry.id), json.dumps(asdict(entry), indent=1).encode(), durable=True
-            )
+            replace_privately(self._path(entry.id), _encoded(entry), durable=True)
             self._sync_directory()
         except OSError as exc:
             raise UsageError(
@@ -688,6 +747,114 @@ class JournalRecorder:
 
     #: The upload completed or was cancelled: its entry is gone, nothing is left to resume.
     done = False
+
+
+class PartsRecorder:
+    """Keeps a parallel upload's journal entry in step with its parts.
+
+    The entry is created (and locked) before the first part starts, with an id of 16 hex digits
+    that also names the temporary objects; for a resumed upload it is the existing entry, claimed
+    by ``jobs.claim_entry``. A part's session is journaled before its first byte is sent
+    (``part_started``, called from the part's worker), and a verified part before its worker
+    takes another (``part_finished``): each write is waited for (bounded), so what the journal
+    says is stored is stored. Calls from the workers are serialized.
+    """
+
+    def __init__(self, journal: Journal, entry: JournalEntry | None = None, **fields: Any) -> None:
+        self.journal = journal
+        self.entry = entry
+        self._fields = fields
+        self._lock = threading.Lock()
+        self._writer = _BackgroundWriter(journal.write)
+        self.done = False
+        self.closed = False
+
+    @classmethod
+    def for_new(
+        cls,
+        journal: Journal,
+        settings: UploadSettings,
+        *,
+        chunk_size: int,
+        source: dict[str, Any],
+        part_size: int,
+        connections: int,
+    ) -> PartsRecorder:
+        return cls(
+            journal,
+            **asdict(settings),
+            chunk_size=chunk_size,
+            source=source,
+            part_size=part_size,
+            connections=connections,
+        )
+
+    def started(self) -> JournalEntry:
+        """The run's entry: created now for a new upload (its id names the temporary objects)."""
+        if self.entry is None:
+            self.entry = self.journal.new_entry(id_bytes=8, session_uri="", **self._fields)
+        return self.entry
+
+    def close(self) -> None:
+        """The run is over for the journal: a worker still running writes nothing more (the
+        entry may be another process's by then), and starts no session."""
+        with self._lock:
+            self.closed = True
+
+    def part_started(self, index: int, session_uri: str) -> None:
+        with self._lock:
+            if self.closed:
+                raise Interrupted("the upload was stopped")
+            entry = self.started()
+            if any(p.index == index and p.session_uri == session_uri for p in entry.running):
+                return
+            running = [p for p in entry.running if p.index != index] + [RunningPart(index, session_uri)]
+            entry.running = sorted(running, key=lambda p: p.index)
+            self._write()
+
+    def part_finished(self, index: int, size: int, crc32c: int, generation: int) -> None:
+        with self._lock:
+            if self.closed:
+                return  # its session is journaled as running: a resume finds it finished
+            entry = self.started()
+            entry.running = [p for p in entry.running if p.index != index]
+            parts = [p for p in entry.parts if p.index != index] + [
+                FinishedPart(index, size, crc32c, generation)
+            ]
+            entry.parts = sorted(parts, key=lambda p: p.index)
+            entry.persisted = sum(p.size for p in entry.parts)
+            self._write()
+
+    def keep_only(self, indexes: set[int]) -> None:
+        """After a failed run's cleanup: only these finished parts are left (no session runs)."""
+        with self._lock:
+            self.closed = True
+            if self.entry is None:
+                return
+            self.entry.running = []
+            self.entry.parts = [p for p in self.entry.parts if p.index in indexes]
+            self.entry.persisted = sum(p.size for p in self.entry.parts)
+            self._write()
+
+    def _write(self) -> None:
+        assert self.entry is not None
+        self._writer.wait()
+        self._writer.submit(
+            replace(self.entry, parts=list(self.entry.parts), running=list(self.entry.running))
+        )
+        self._writer.wait()
+
+    def flush(self) -> None:
+        self._writer.wait()
+
+    def finished(self) -> None:
+        """The upload completed, or was given up with nothing left: forget its entry."""
+        with self._lock:
+            self.closed = True
+            entry = self.entry
+            if entry is not None:
+                self._writer.when_idle(lambda: self.journal.remove(entry.id))
+            self.done = True
 
 
 #: Seconds a journal write may take before the run goes on without it (a hung file system).

@@ -10,7 +10,7 @@ import mimetypes
 import re
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from gcsstream.errors import UsageError
 
@@ -204,6 +204,26 @@ class ObjectMetadata:
         if self.metadata:
             body["metadata"] = dict(self.metadata)
         return body
+
+    @classmethod
+    def from_resource(cls, resource: dict[str, Any]) -> ObjectMetadata:
+        """The metadata a ``resource`` body (a journal's) asks for: what resuming a parallel
+        upload gives its final compose."""
+
+        def text(key: str) -> str | None:
+            value = resource.get(key)
+            return value if isinstance(value, str) else None
+
+        custom = resource.get("metadata")
+        return cls(
+            content_type=text("contentType"),
+            cache_control=text("cacheControl"),
+            content_encoding=text("contentEncoding"),
+            content_disposition=text("contentDisposition"),
+            storage_class=text("storageClass"),
+            kms_key=text("kmsKeyName"),
+            metadata={str(k): str(v) for k, v in custom.items()} if isinstance(custom, dict) else {},
+        )
 
 
 @dataclass(frozen=True)

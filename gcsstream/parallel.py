@@ -20,10 +20,18 @@ combine, so no byte is hashed twice). Every intermediate and the final object ar
 against them. A final object that does not match is
 deleted (its generation only, and only the one this run's compose created): exit 3.
 
-Temporary objects are deleted on success, on failure, and when the caller's thread is
-interrupted (Ctrl-C, or the command line's SIGTERM/SIGHUP exceptions); what cannot be deleted is
-named in the error, or given to ``warn`` after a success. In this version an interrupted parallel
-upload is not resumable, and nothing is journaled.
+Temporary objects are deleted on success and on failure; what cannot be deleted is named in the
+error, or given to ``warn`` after a success. Without a journal they are deleted too when the
+caller's thread is interrupted (Ctrl-C, or the command line's SIGTERM/SIGHUP exceptions).
+
+With a journal (a ``PartsRecorder``) the upload is resumable: the run's id is the entry's, each
+part's session is journaled before its first byte and each verified part before its worker
+takes another. A signal, or retries running out, then stops the run keeping its sessions and
+parts. Resumed from the entry, a run reads the stream again from its start: every finished
+part's bytes are hashed and checked against the journal before it is skipped (a different
+stream is refused, ``PrefixMismatch``, before anything is sent: the parts unfinished below the
+last finished one are held, not sent, until then), the running parts continue their sessions
+(a fresh one where a session is gone), and the rest upload as new.
 """
 
 from __future__ import annotations
@@ -39,12 +47,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 
-from gcsstream.checksums import crc32c_combine, decode_crc32c, encode_crc32c
-from gcsstream.engine import Uploader, UploadResult
+from gcsstream.checksums import crc32c_combine, crc32c_extend, decode_crc32c, encode_crc32c
+from gcsstream.engine import Resume, Uploader, UploadResult
 from gcsstream.errors import (
     AuthError,
     GcsstreamError,
@@ -53,6 +61,7 @@ from gcsstream.errors import (
     Interrupted,
     NotFoundError,
     PreconditionError,
+    PrefixMismatch,
     ServiceError,
     SourceError,
     Terminated,
@@ -77,6 +86,7 @@ from gcsstream.options import (
     ObjectURL,
     ParallelOptions,
     UploadOptions,
+    parse_gs_url,
 )
 from gcsstream.retry import (
     Retryable,
@@ -97,12 +107,15 @@ from gcsstream.session import (
 from gcsstream.sources import ChunkSource, read_full
 from gcsstream.transport import HTTPTransport
 
+if TYPE_CHECKING:
+    from gcsstream.journal import JournalEntry, PartsRecorder
+
 T = TypeVar("T")
 
 #: The service composes at most this many sources per request.
 MAX_COMPOSE_SOURCES = 32
-#: Said of every parallel upload that stops short: there is no ``resume`` for it yet.
-NOT_RESUMABLE = "a parallel upload cannot be resumed: run it again"
+#: Said of a parallel upload without a journal that stops short.
+NOT_RESUMABLE = "a parallel upload without a journal cannot be resumed: run it again"
 _NAMED = 10  # temporary objects named one by one in the line about leftovers; then a count
 _POLL = 0.5  # seconds between checks while the reader waits (each wait is bounded)
 #: Seconds a failed or interrupted run gives its workers to end once their sessions are cancelled.
@@ -153,17 +166,23 @@ class _PartSource:
 
 
 class _PartSession:
-    """The engine's recorder for a part: keeps its session (to cancel it) and stops it between
-    chunks once the run is aborted. Nothing is journaled."""
+    """The engine's recorder for a part: keeps its session (to cancel it), journals it before its
+    first byte (with a ``PartsRecorder``), and stops it between chunks once the run is aborted."""
 
-    def __init__(self, aborted: threading.Event) -> None:
+    def __init__(
+        self, aborted: threading.Event, index: int = 0, recorder: PartsRecorder | None = None
+    ) -> None:
         self._aborted = aborted
+        self._index = index
+        self._recorder = recorder
         self.session_uri: str | None = None
 
     def started(self, session_uri: str) -> None:
         self.session_uri = session_uri
         if self._aborted.is_set():
             raise _Aborted()
+        if self._recorder is not None:
+            self._recorder.part_started(self._index, session_uri)
 
     def persisted(self, offset: int, crc32c: int) -> None:
         if self._aborted.is_set():
@@ -245,13 +264,15 @@ class ParallelUploader:
         metadata: ObjectMetadata | None = None,
         *,
         transport: HTTPTransport | None = None,
+        recorder: PartsRecorder | None = None,
     ) -> UploadResult:
         """Upload everything ``source`` produces to ``destination`` in parts; return the checked
-        object. ``transport`` (else a new one) carries the bucket, compose and delete requests."""
+        object. ``transport`` (else a new one) carries the bucket, compose and delete requests.
+        ``recorder`` journals the run (resumable); one holding an entry with parts resumes it."""
         own = transport is None
         main = transport if transport is not None else self._connect()
         try:
-            return _Run(self, main, source, destination, metadata or ObjectMetadata()).run()
+            return _Run(self, main, source, destination, metadata or ObjectMetadata(), recorder).run()
         finally:
             with contextlib.suppress(Exception):
                 source.close()
@@ -271,6 +292,7 @@ class _Run:
         source: ChunkSource,
         destination: ObjectURL,
         metadata: ObjectMetadata,
+        recorder: PartsRecorder | None = None,
     ) -> None:
         self.o = owner
         self.opts = owner._options
@@ -280,8 +302,10 @@ class _Run:
         self.source = source
         self.destination = destination
         self.metadata = metadata
-        self.run_id = secrets.token_hex(8)
-        self.prefix = destination.parts_prefix(self.run_id)
+        self.recorder = recorder
+        #: The entry this run resumes (None: a new upload).
+        self.resumed: JournalEntry | None = recorder.entry if recorder is not None else None
+        self._name_run(self.resumed.id if self.resumed is not None else "0" * 16)
         try:
             destination.temporary(self.run_id, "compose-9-999999")  # the longest temporary name
         except UsageError:
@@ -289,6 +313,8 @@ class _Run:
                 f"the object name is too long for --parallel: its temporary objects ({self.prefix}...) "
                 "would exceed the service's 1024 bytes"
             ) from None
+        #: A resumable stop: the sessions and parts are kept for ``resume`` (set before ``aborted``).
+        self.keep = False
         self.aborted = threading.Event()
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
@@ -303,6 +329,12 @@ class _Run:
         #: Parts being uploaded: their sessions, cancelled from here if the run stops.
         self.live: dict[int, tuple[_PartSession, ObjectURL]] = {}
         self.sent: dict[int, int] = {}
+        #: The temporary objects the cleanup deleted (or found gone).
+        self.gone_names: set[str] = set()
+
+    def _name_run(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.prefix = self.destination.parts_prefix(run_id)
 
     # -- the whole run --------------------------------------------------------------------------
 
@@ -311,16 +343,33 @@ class _Run:
         workers: _Workers | None = None
         try:
             self._check_bucket()
+            if self.recorder is not None:
+                self._name_run(self.recorder.started().id)
+            else:
+                self._name_run(secrets.token_hex(8))
+            self._check_resumable()
             workers = _Workers(self.n, self.o._connect)
-            self._emit(UploadStarted(str(self.destination), self.expected, self.part_size))
+            resumed_at = self.resumed.persisted if self.resumed is not None else 0
+            self._emit(UploadStarted(str(self.destination), self.expected, self.part_size, resumed_at))
             parts, total, crc = self._read_parts(workers)
+            if self.resumed is not None:
+                self._delete_strays(parts)
             final = self._compose_tree(parts, workers)
             self._check_final(final, total, crc)
         except BaseException as exc:
+            if self._keeps(exc) or (self.resumed is not None and workers is None):
+                # Resumable, or a resumed upload refused before any part moved: left as it was.
+                self.keep = True
+                self.aborted.set()
+                self._let_parts_stop(workers)
+                raise
             self.aborted.set()
             left = self._cleanup(workers, failed=True)
+            self._journal_leftovers()
             raise self._failed(exc, left) from None
         left = self._cleanup(workers, failed=False)
+        if self.recorder is not None:
+            self.recorder.finished()
         if left and self.o._warn is not None:
             self.o._warn(left)
         stored = final.resource
@@ -372,31 +421,66 @@ class _Run:
     # -- reading and the parts ------------------------------------------------------------------
 
     def _read_parts(self, workers: _Workers) -> tuple[list[_Piece], int, int]:
-        """Cut the source into parts and hand each to a worker; the stream's size and CRC32C."""
+        """Cut the source into parts and hand each to a worker; the stream's size and CRC32C.
+
+        Resuming, a finished part's bytes are checked against the journal and skipped; the parts
+        unfinished below the last finished one are held until it is checked (nothing is sent
+        from a stream that turns out to differ)."""
         parts: list[_Piece] = []
         total = crc = 0
         chunk = min(self.opts.chunk_size, self.part_size)
+        entry = self.resumed
+        finished = {p.index: p for p in entry.parts} if entry is not None else {}
+        running = {p.index: p.session_uri for p in entry.running} if entry is not None else {}
+        last_finished = max(finished, default=-1)
+        held: list[Callable[[HTTPTransport], None]] = []
         while True:
+            index = len(parts)
             self._wait_for_room()
             pieces, size = self._read_part(chunk)
             if size == 0 and parts:
-                with self.lock:
-                    self.in_flight -= 1
+                self._release_room()
                 break
             expected = self.opts.expected_size
             if expected is not None and total + size > expected:
                 raise SourceError(f"{self.source.description} has more than the expected {expected} bytes")
-            # Its CRC32C is the engine's, of these very bytes as it sent them, once its upload is
-            # verified: hashed once, not also here.
-            part = _Piece(self.destination.temporary(self.run_id, f"{len(parts):06d}"), size, 0)
-            parts.append(part)
-            self.futures.append(workers.submit(self._part_job(len(parts) - 1, total, part, pieces)))
+            target = self.destination.temporary(self.run_id, f"{index:06d}")
+            stored = finished.get(index)
+            if stored is not None:
+                self._check_stored(index, total, stored.size, stored.crc32c, pieces, size)
+                self._release_room()
+                part = _Piece(target, size, stored.crc32c, generation=stored.generation)
+                parts.append(part)
+                with self.lock:
+                    self.temporaries.append(part)
+                    self.confirmed[index] = size
+                if index == last_finished:  # every stored part is checked: send the held ones
+                    for job in held:
+                        self.futures.append(workers.submit(job))
+                    held.clear()
+            else:
+                # Its CRC32C is the engine's, of these very bytes as it sent them, once its upload
+                # is verified: hashed once, not also here.
+                part = _Piece(target, size, 0)
+                parts.append(part)
+                job = self._part_job(index, total, part, pieces, running.get(index))
+                if index < last_finished:
+                    held.append(job)
+                else:
+                    self.futures.append(workers.submit(job))
             del pieces
             total += size
             with self.lock:
                 self.read = total
             if size < self.part_size:
                 break
+        if last_finished >= len(parts):
+            assert entry is not None
+            raise PrefixMismatch(
+                f"the input ended after {total} bytes, but upload {entry.id} has stored "
+                f"{entry.persisted} bytes of it: resume it with the same input; the upload is left "
+                "as it was"
+            )
         if self.opts.expected_size is not None and total != self.opts.expected_size:
             raise SourceError(
                 f"{self.source.description} ended after {total} bytes; expected {self.opts.expected_size}"
@@ -407,6 +491,27 @@ class _Run:
         for part in parts:
             crc = crc32c_combine(crc, part.crc32c, part.size)
         return parts, total, crc
+
+    def _check_stored(
+        self, index: int, offset: int, size: int, crc32c: int, pieces: list[bytes], read: int
+    ) -> None:
+        """A part stored by an earlier run must be what the input holds there (``PrefixMismatch``)."""
+        found = 0
+        for piece in pieces:
+            found = crc32c_extend(found, piece)
+        if read != size or found != crc32c:
+            assert self.resumed is not None
+            raise PrefixMismatch(
+                f"the input differs from what upload {self.resumed.id} stored: part {index} "
+                f"({size} bytes at offset {offset}, crc32c {encode_crc32c(crc32c)}) is "
+                f"{read} bytes with crc32c {encode_crc32c(found)} in it; resume it with the same "
+                "input; the upload is left as it was"
+            )
+
+    def _release_room(self) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            self.cond.notify_all()
 
     def _wait_for_room(self) -> None:
         """Block until fewer than ``parallel`` parts are held; raise the first part's failure."""
@@ -437,21 +542,24 @@ class _Run:
             raise SourceError(f"reading {self.source.description} failed: {exc}") from None
 
     def _part_job(
-        self, index: int, offset: int, part: _Piece, pieces: list[bytes]
+        self, index: int, offset: int, part: _Piece, pieces: list[bytes], session_uri: str | None = None
     ) -> Callable[[HTTPTransport], None]:
         source = _PartSource(pieces, f"part {index} of {self.source.description}")
 
         def job(transport: HTTPTransport) -> None:
             try:
-                self._upload_part(transport, index, offset, part, source)
+                self._upload_part(transport, index, offset, part, source, pieces, session_uri)
             except BaseException as exc:
                 with self.cond:
                     if self.failure is None and not isinstance(exc, _Aborted):
                         self.failure = exc
+                        if self._keeps_session(exc):  # the other parts keep theirs too
+                            self.keep = True
                         self.aborted.set()
                 raise
             finally:
                 source.close()  # its bytes are no longer needed, whatever happened
+                pieces.clear()
                 with self.cond:
                     self.in_flight -= 1
                     self.cond.notify_all()
@@ -459,7 +567,14 @@ class _Run:
         return job
 
     def _upload_part(
-        self, transport: HTTPTransport, index: int, offset: int, part: _Piece, source: _PartSource
+        self,
+        transport: HTTPTransport,
+        index: int,
+        offset: int,
+        part: _Piece,
+        source: _PartSource,
+        pieces: list[bytes],
+        session_uri: str | None,
     ) -> None:
         if self.aborted.is_set():
             raise _Aborted()
@@ -475,7 +590,7 @@ class _Run:
             io_timeout=opts.io_timeout,
             expected_size=part.size,
         )
-        session = _PartSession(self.aborted)
+        session = _PartSession(self.aborted, index, self.recorder)
         uploader = Uploader(
             transport,
             options,
@@ -483,24 +598,21 @@ class _Run:
             sleep=self._sleep_unless_aborted,
             clock=self.o._clock,
         )
-        # Every part has the destination's storage class (compose needs the sources' to be one)
-        # and its KMS key (the bytes are never stored under another key).
-        part_metadata = ObjectMetadata(
-            content_type="application/octet-stream",
-            storage_class=self.metadata.storage_class,
-            kms_key=self.metadata.kms_key,
-        )
+        part_metadata = self._part_metadata()
         self._emit(PartStarted(index, offset, part.size))
         with self.lock:
             self.live[index] = (session, part.target)
         ok = False
         try:
             try:
-                result = uploader.upload(source, part.target, part_metadata, recorder=session)
-            except BaseException:
+                if session_uri is None:
+                    result = uploader.upload(source, part.target, part_metadata, recorder=session)
+                else:
+                    result = self._continue_part(uploader, session, session_uri, part, source, pieces)
+            except BaseException as exc:
                 with self.lock:
                     self.uncertain = True  # its final request may have created it unheard
-                if session.session_uri is not None:
+                if session.session_uri is not None and not self._keeps_session(exc):
                     with contextlib.suppress(Exception):  # best effort: a dead session creates nothing
                         uploader.cancel(session.session_uri, part.target)
                 raise
@@ -513,11 +625,121 @@ class _Run:
                     f"{index} was {part.size} bytes"
                 )
             part.crc32c = decode_crc32c(result.crc32c)  # verified by the engine against its bytes
+            if self.recorder is not None and part.generation is not None:
+                self.recorder.part_finished(index, part.size, part.crc32c, part.generation)
             ok = True
         finally:
             with self.lock:
                 self.live.pop(index, None)
             self._emit(PartFinished(index, part.size, ok))
+
+    def _continue_part(
+        self,
+        uploader: Uploader,
+        session: _PartSession,
+        session_uri: str,
+        part: _Piece,
+        source: _PartSource,
+        pieces: list[bytes],
+    ) -> UploadResult:
+        """Continue a part's journaled session (the engine hashes what it holds); where the
+        session is gone, upload the part afresh from its bytes."""
+        metadata = self._part_metadata()
+        try:
+            return uploader.upload(
+                source, part.target, metadata, recorder=session, resume=Resume(session_uri)
+            )
+        except PrefixMismatch:
+            raise
+        except IntegrityError as exc:
+            # What its session held is not what the input holds there: a different stream.
+            raise PrefixMismatch(
+                f"the input differs from what upload {self.run_id} sent of {part.target}: {exc}; "
+                "resume it with the same input"
+            ) from None
+        except NotFoundError:
+            fresh = _PartSource(list(pieces), source.description)
+            session.session_uri = None
+            return uploader.upload(fresh, part.target, metadata, recorder=session)
+
+    def _part_metadata(self) -> ObjectMetadata:
+        # Every part has the destination's storage class (compose needs the sources' to be one)
+        # and its KMS key (the bytes are never stored under another key).
+        return ObjectMetadata(
+            content_type="application/octet-stream",
+            storage_class=self.metadata.storage_class,
+            kms_key=self.metadata.kms_key,
+        )
+
+    def _keeps(self, exc: BaseException) -> bool:
+        """Whether the run stops resumably: journaled, and stopped by a signal, by retries running
+        out, or by an input that differs from the journal's (its sessions and parts are kept)."""
+        return self.recorder is not None and (
+            isinstance(exc, (KeyboardInterrupt, TransientError, Interrupted, PrefixMismatch))
+            or _stopped_by(exc) is not None
+        )
+
+    def _keeps_session(self, exc: BaseException) -> bool:
+        """Whether a part that failed with ``exc`` leaves its session open for ``resume``."""
+        return self.keep or (self.recorder is not None and isinstance(exc, (TransientError, PrefixMismatch)))
+
+    def _check_resumable(self) -> None:
+        """A resumed entry must have this run's parts, and few enough holes to hold in memory."""
+        entry = self.resumed
+        if entry is None:
+            return
+        if (entry.part_size, entry.connections) != (self.part_size, self.n):
+            raise UsageError(
+                f"upload {entry.id} has parts of {entry.part_size} bytes over {entry.connections} "
+                f"connections; it continues only with those"
+            )
+        done = {p.index for p in entry.parts}
+        missing = max(done, default=-1) + 1 - len(done)
+        if missing > self.n - 1:
+            raise UsageError(
+                f"upload {entry.id} cannot be continued: {missing} of its parts before its last stored "
+                f"one are missing; `gcsstream abort {entry.id}` deletes its parts"
+            )
+
+    def _delete_strays(self, parts: list[_Piece]) -> None:
+        """Resuming: delete what earlier runs left under the prefix that this run does not compose
+        (intermediates of a compose that was cut off, a part created after its run was killed)."""
+        keep = {(p.target.name, p.generation) for p in parts}
+        for name, generation in self._listed():
+            if (name, generation) in keep:
+                continue
+            why = self._delete(
+                self.transport, _Piece(ObjectURL(self.destination.bucket, name), 0, 0, 1, generation)
+            )
+            if why is not None:
+                raise TransientError(
+                    f"a temporary object an earlier run left, gs://{self.destination.bucket}/{name}, "
+                    f"could not be deleted: {why}"
+                )
+
+    def _let_parts_stop(self, workers: _Workers | None) -> None:
+        """A resumable stop: give the workers a moment to end (a part finishing is journaled)."""
+        self._await_parts()
+        if workers is not None:
+            workers.close()
+        if self.recorder is not None:
+            with contextlib.suppress(GcsstreamError):
+                self.recorder.flush()
+            self.recorder.close()  # a part still running past the grace journals nothing more
+
+    def _journal_leftovers(self) -> None:
+        """After a failed run's cleanup: forget the entry, or keep the parts that are left in it
+        (``sessions`` lists them; ``abort`` deletes them)."""
+        recorder = self.recorder
+        if recorder is None or recorder.entry is None:
+            return
+        entry = recorder.entry
+        left = {p.index for p in entry.parts if entry.part_name(p.index).name not in self.gone_names}
+        with contextlib.suppress(GcsstreamError):
+            if left:
+                recorder.keep_only(left)
+            else:
+                recorder.finished()
 
     def _sleep_unless_aborted(self, seconds: float) -> None:
         if self.aborted.wait(seconds):
@@ -607,12 +829,17 @@ class _Run:
             try:
                 return self._exchange(transport, "POST", url, body, what)
             except PreconditionError as exc:
-                if retried and match is not None:
-                    # An earlier attempt may have composed it and lost its answer: if the object
-                    # there has our bytes, it is ours.
+                if (retried or self.resumed is not None) and match is not None:
+                    # An earlier attempt (or, resuming, a killed run's compose that landed late)
+                    # may have composed it: if the object there has our bytes, it is ours.
                     found = self._existing(transport, target)
                     if found is not None and self._holds(found, piece):
                         return found
+                    if found is not None and not final and self.resumed is not None:
+                        # A killed run's intermediate of other sources, under this upload's prefix.
+                        gone = _Piece(target, 0, 0, 1, resource_int(found, "generation"))
+                        if self._delete(transport, gone) is None:
+                            raise Retryable(f"{target} was left by an earlier run; deleted it") from None
                 if final:
                     raise self._precondition_failed(match, exc) from None
                 raise
@@ -763,6 +990,7 @@ class _Run:
         with guard:
             finished = done.is_set()
             gone, left = set(gone), dict(left)
+        self.gone_names = set(gone)
         if not finished:
             with self.lock:
                 pieces = list(self.temporaries)
@@ -834,23 +1062,32 @@ class _Run:
         whatever its worker is doing), then give the workers a moment to end. The parts whose
         session could not be cancelled may still appear: their names."""
         with self.lock:
-            live = list(self.live.values())
+            sessions = {
+                session.session_uri: target
+                for session, target in self.live.values()
+                if session.session_uri is not None  # not started: its ``started`` refuses to go on
+            }
+        entry = self.recorder.entry if self.recorder is not None else None
+        if entry is not None:  # journaled sessions, maybe not resumed yet
+            for part in entry.running:
+                sessions.setdefault(part.session_uri, entry.part_name(part.index))
         canceller = Uploader(self.transport, UploadOptions(retry_deadline=CLEANUP_RETRY_DEADLINE))
         maybe = []
-        for session, target in live:
-            uri = session.session_uri
-            if uri is None:
-                continue  # not started: its ``started`` refuses to go on (the run is aborted)
+        for uri, target in sessions.items():
             try:
                 canceller.cancel(uri, target)
             except GcsstreamError:
                 maybe.append(target.name)
+        self._await_parts()
+        return maybe
+
+    def _await_parts(self) -> None:
+        """Give the workers ``_STOP_GRACE`` seconds to end their jobs."""
         end = self.o._clock() + _STOP_GRACE
         for future in self.futures:
             while not future.done() and self.o._clock() < end:
                 with contextlib.suppress(Exception):
                     future.exception(timeout=min(_POLL, max(0.0, end - self.o._clock())))
-        return maybe
 
     def _bounded(self, future: Future[str | None]) -> str | None:
         end = self.o._clock() + CLEANUP_RETRY_DEADLINE + self.opts.io_timeout
@@ -912,6 +1149,33 @@ class _Run:
             lambda _: self._exchange(self.transport, "GET", url, None, what), what, CLEANUP_RETRY_DEADLINE
         )
 
+    def discard(self) -> bool:
+        """``discard_parts``: every session of the resumed entry cancelled, every object under
+        its prefix deleted (by generation)."""
+        entry = self.resumed
+        assert entry is not None
+        bucket = self.destination.bucket
+        canceller = Uploader(self.transport, UploadOptions(retry_deadline=CLEANUP_RETRY_DEADLINE))
+        known = False
+        left = []
+        for part in entry.running:
+            target = entry.part_name(part.index)
+            try:
+                known = canceller.cancel(part.session_uri, target) or known
+            except GcsstreamError as exc:
+                left.append(f"the session of gs://{bucket}/{target.name} ({exc})")
+        for name, generation in self._listed():
+            known = True
+            why = self._delete(self.transport, _Piece(ObjectURL(bucket, name), 0, 0, 1, generation))
+            if why is not None:
+                left.append(f"gs://{bucket}/{name} ({why})")
+        if left:
+            raise ServiceError(
+                f"{len(left)} of the temporary objects or sessions of upload {entry.id} could not be "
+                f"deleted: {', '.join(left[:_NAMED])}; it is kept: run `gcsstream abort {entry.id}` again"
+            )
+        return known
+
     # -- failures -------------------------------------------------------------------------------
 
     def _wait(self, future: Future[T]) -> T:
@@ -950,6 +1214,23 @@ class _Run:
     def _emit(self, event: Any) -> None:
         if self.o._on_event is not None:
             self.o._on_event(event)
+
+
+def discard_parts(entry: JournalEntry, uploader: Uploader) -> bool:
+    """Cancel a journaled parallel upload's sessions and delete its temporary objects (``abort``);
+    False if nothing of it was left. ``ServiceError`` names what could not be deleted."""
+    transport = uploader.transport
+    owner = ParallelUploader(
+        lambda: transport,
+        UploadOptions(retry_deadline=CLEANUP_RETRY_DEADLINE),
+        ParallelOptions(entry.connections, entry.part_size),
+    )
+    run = _Run(
+        owner, transport, _PartSource([], "nothing"), parse_gs_url(entry.destination), ObjectMetadata()
+    )
+    run.resumed = entry
+    run._name_run(entry.id)
+    return run.discard()
 
 
 @dataclass

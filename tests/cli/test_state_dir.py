@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gcsstream.journal import MAX_ENTRY_BYTES
 from tests.cli.test_resume import (  # noqa: F401 - fixtures
     BUCKET,
     CHUNK,
@@ -185,7 +186,9 @@ def test_damaged_or_hostile_journal_files_are_skipped_one_warning_each(server, e
     bad["another file's id"] = state_dir / "0000000f.json"
     write_entry(bad["another file's id"], good_data, session_uri=gone_uri)
     bad["too large"] = state_dir / "00000010.json"
-    write_entry(bad["too large"], good_data, id="00000010", resource={"name": "good", "x": "y" * 70000})
+    write_entry(
+        bad["too large"], good_data, id="00000010", resource={"name": "good", "x": "y" * MAX_ENTRY_BYTES}
+    )
     bad["session elsewhere"] = state_dir / "00000011.json"
     write_entry(bad["session elsewhere"], good_data, id="00000011", session_uri="https://attacker.example/u")
     bad["not an id"] = state_dir / "not-an-id.json"

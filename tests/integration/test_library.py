@@ -445,9 +445,29 @@ def test_parallel_library_uploads_compose_verified_parts_and_leave_nothing_behin
 
 def test_parallel_library_upload_refuses_what_it_cannot_honour(server, opts, state_dir):
     url = f"gs://{BUCKET}/no"
-    for extra in ({"checksum": "md5"}, {"journal": True}, {"session_uri": f"{server.url}/x?upload_id=1"}):
+    for extra in ({"checksum": "md5"}, {"session_uri": f"{server.url}/x?upload_id=1"}):
         with pytest.raises(gcsstream.UsageError):
             gcsstream.upload(io.BytesIO(b"x"), url, **opts, parallel=2, **extra)
-    with pytest.raises(gcsstream.UsageError, match="not resumable"):
+    with pytest.raises(gcsstream.UsageError, match="takes the upload's options from its journal"):
         gcsstream.upload(io.BytesIO(b"x"), url, **opts, parallel=2, resume="0123456789abcdef")
     assert server.list_objects(BUCKET) == []
+
+
+def test_a_journaled_parallel_library_upload_resumes_after_retries_run_out(server, opts, state_dir):
+    data = os.urandom(6 * CHUNK + 123)
+    url = f"gs://{BUCKET}/parjournal"
+    par = {**opts, "parallel": 2, "part_size": CHUNK, "journal": True, "retry_deadline": 0.3}
+    server.faults.add(Fault("status", status=503, on="final", nth=4, times=10_000))
+    with pytest.raises(gcsstream.TransientError) as raised:
+        gcsstream.upload(io.BytesIO(data), url, **par)
+    upload_id = raised.value.upload_id
+    assert upload_id and len(upload_id) == 16 and raised.value.session_uri is None
+    assert server.object_resource(BUCKET, "parjournal") is None
+    server.faults.clear()
+    start = max(r.seq for r in server.requests)
+    result = gcsstream.upload(io.BytesIO(data), url, **opts, resume=upload_id)
+    assert_stored(server, BUCKET, "parjournal", data)
+    assert result.parts == 7 and server.list_objects(BUCKET) == ["parjournal"]
+    initiated = [r for r in server.requests if r.seq > start and r.kind == "initiate"]
+    assert len(initiated) < 7  # the stored parts were not sent again
+    assert list(state_dir.glob("*.json")) == []

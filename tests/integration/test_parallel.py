@@ -177,7 +177,9 @@ def test_a_part_that_fails_permanently_leaves_nothing(server, fault):
 
 def test_parts_that_give_up_say_not_resumable_and_leave_nothing(server):
     server.faults.add(Fault("status", status=503, on="final", nth=2, times=10_000))
-    with pytest.raises(Exception, match="a parallel upload cannot be resumed: run it again") as raised:
+    with pytest.raises(
+        Exception, match="a parallel upload without a journal cannot be resumed: run it again"
+    ) as raised:
         put(server, os.urandom(6 * PART), "gaveup", retry_deadline=0.3)
     assert raised.value.exit_code == 75
     assert server.list_objects(BUCKET) == []

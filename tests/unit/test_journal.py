@@ -4,6 +4,7 @@ entry is, and one holder per entry (the lock is per open file, so one process sh
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import pytest
@@ -11,7 +12,16 @@ import pytest
 from gcsstream import journal as journal_module
 from gcsstream.errors import Busy, UsageError
 from gcsstream.jobs import claim_entry
-from gcsstream.journal import Journal, JournalEntry, JournalRecorder, UploadSettings
+from gcsstream.journal import (
+    FinishedPart,
+    Journal,
+    JournalEntry,
+    JournalRecorder,
+    PartsRecorder,
+    RunningPart,
+    UploadSettings,
+)
+from gcsstream.options import ObjectURL
 
 ENDPOINT = "http://127.0.0.1:9"
 
@@ -234,44 +244,41 @@ def test_any_failure_of_a_journal_write_stops_the_upload(tmp_path, monkeypatch):
 
 # -- the schema, and the parts of parallel uploads ---------------------------------------------------
 
-PREFIX = "o.gcsstream-parts/0000000a/"
+PART = 262144
+RUNNING_URI = f"{ENDPOINT}/upload?upload_id=p1"
+#: As the value of a change: the fixture without that field.
+DROP = object()
 
 
-def parallel_entry(**changes) -> dict:
-    """A schema-2 entry of a parallel upload: parts 0 and 2 stored, part 1 running."""
-    s = settings()
-    return {
-        "id": "0000000a",
-        **entry_fields(s),
-        "source": {"kind": "stream"},
-        "schema": 2,
-        "parts": [
-            {"index": 0, "offset": 0, "size": 100, "crc32c": 7, "name": PREFIX + "000000", "generation": 5},
-            {
-                "index": 2,
-                "offset": 200,
-                "size": 50,
-                "crc32c": 2**32 - 1,
-                "name": PREFIX + "000002",
-                "generation": 6,
-            },
-        ],
-        "running": [
-            {
-                "index": 1,
-                "offset": 100,
-                "name": PREFIX + "000001",
-                "session_uri": f"{s.endpoint}/upload?upload_id=p1",
-            }
-        ],
-        **changes,
+def _changed(base: dict, changes: dict) -> dict:
+    return {key: value for key, value in {**base, **changes}.items() if value is not DROP}
+
+
+def parallel_entry(record: dict | None = None, **changes) -> dict:
+    """A schema-3 entry of a parallel upload: parts 0 and 2 stored, part 1 running. ``record``
+    changes fields of its ``parallel`` record, ``changes`` the entry's own (``DROP`` removes one)."""
+    parallel = {
+        "part_size": PART,
+        "connections": 4,
+        "parts": [[0, PART, 100, 5], [2, PART, 2**32 - 1, 6]],
+        "running": [[1, RUNNING_URI]],
     }
+    entry = {
+        "id": "0000000a",
+        **entry_fields(settings()),
+        "session_uri": "",
+        "source": {"kind": "stream"},
+        "schema": 3,
+        "parallel": _changed(parallel, record or {}),
+    }
+    return _changed(entry, changes)
 
 
 def test_an_entry_without_a_schema_is_schema_1_and_reads_as_before(tmp_path):
     data = {"id": "00000004", **entry_fields(settings())}
     entry = JournalEntry.from_json(data, "00000004")
     assert (entry.schema, entry.parts, entry.running) == (journal_module.SCHEMA, [], [])
+    assert not entry.is_parallel and entry.session_uri == data["session_uri"]
     with pytest.raises(ValueError, match="unknown field 'parts'"):  # parts came with schema 2
         JournalEntry.from_json({**data, "parts": []}, "00000004")
 
@@ -282,11 +289,11 @@ def test_an_entry_of_a_newer_schema_is_skipped_and_left_alone(tmp_path):
     journal = Journal(tmp_path / "state")
     journal.check_writable()
     path = tmp_path / "state" / "0000000b.json"
-    data = {"id": "0000000b", **entry_fields(settings()), "schema": 3, "stripes": [{"what": "ever"}]}
+    data = {"id": "0000000b", **entry_fields(settings()), "schema": 4, "stripes": [{"what": "ever"}]}
     path.write_text(json.dumps(data))
     before = path.read_bytes()
     with pytest.raises(
-        UsageError, match=r"is not used: it was written by a newer gcsstream \(journal schema 3"
+        UsageError, match=r"is not used: it was written by a newer gcsstream \(journal schema 4"
     ):
         journal.load("0000000b")
     warnings: list[str] = []
@@ -307,74 +314,372 @@ def test_a_schema_that_is_not_a_positive_integer_is_refused(schema):
         JournalEntry.from_json({**parallel_entry(), "schema": schema}, "0000000a")
 
 
-def test_an_entry_with_parts_round_trips_through_its_file(tmp_path):
+def test_a_parallel_entry_round_trips_through_its_file_as_schema_3(tmp_path):
     journal = Journal(tmp_path / "state")
     journal.check_writable()
     entry = JournalEntry.from_json(parallel_entry(), "0000000a")
-    assert [p.index for p in entry.parts] == [0, 2] and entry.running[0].session_uri.endswith("p1")
-    assert entry.parts[1] == journal_module.FinishedPart(2, 200, 50, 2**32 - 1, PREFIX + "000002", 6)
+    assert entry.schema == journal_module.SCHEMA == 3
+    assert entry.is_parallel and (entry.part_size, entry.connections, entry.session_uri) == (PART, 4, "")
+    assert entry.parts == [FinishedPart(0, PART, 100, 5), FinishedPart(2, PART, 2**32 - 1, 6)]
+    assert entry.running == [RunningPart(1, RUNNING_URI)]
     journal.write(entry)
-    loaded = journal.load(entry.id)
-    assert loaded == entry and isinstance(loaded.parts[0], journal_module.FinishedPart)
-    written = json.loads((tmp_path / "state" / "0000000a.json").read_text())
-    assert written["schema"] == 2 and written["parts"] == parallel_entry()["parts"]
+    loaded = Journal(tmp_path / "state").load(entry.id)
+    assert loaded == entry and isinstance(loaded.parts[0], FinishedPart)
+    assert isinstance(loaded.running[0], RunningPart)
+    raw = (tmp_path / "state" / "0000000a.json").read_text()
+    written = json.loads(raw)
+    assert raw == json.dumps(written, separators=(",", ":"))  # compact: some 40 bytes a part
+    assert written["schema"] == 3 and written["session_uri"] == ""
+    assert written["parallel"] == parallel_entry()["parallel"]
+    assert not {"parts", "running", "part_size", "connections"} & set(written)
+    assert written == entry.to_json()
+
+
+def test_a_parallel_entry_does_not_expire_as_a_session_does():
+    """Its parts are objects: no session lifetime ends them (a single upload's entry expires)."""
+    old = {"created": 1.0, "updated": 1.0}
+    assert not JournalEntry.from_json(parallel_entry(**old), "0000000a").expired
+    single = {"id": "0000000c", **entry_fields(settings()), **old}
+    assert JournalEntry.from_json(single, "0000000c").expired
+
+
+def test_a_single_uploads_entry_is_still_written_as_schema_2(tmp_path):
+    """So that an older gcsstream (one reading schema 2) still resumes it."""
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
     plain = JournalEntry.from_json({"id": "0000000c", **entry_fields(settings())}, "0000000c")
+    assert plain.schema == 3 and not plain.is_parallel and (plain.parts, plain.running) == ([], [])
     journal.write(plain)
-    assert journal.load("0000000c") == plain and (plain.parts, plain.running) == ([], [])
+    raw = (tmp_path / "state" / "0000000c.json").read_text()
+    written = json.loads(raw)
+    assert written["schema"] == 2 and raw == json.dumps(written, indent=1)
+    schema_2_fields = {"id", "persisted", "persisted_crc32c", "created", "updated", "schema"}
+    assert set(written) == set(entry_fields(settings())) | schema_2_fields
+    assert Journal(tmp_path / "state").load("0000000c") == plain
+    again = JournalEntry.from_json(written, "0000000c")
+    assert again == plain and again.schema == 3
 
 
-def _part(n: int, **changes) -> dict:
-    return {**parallel_entry()["parts"][n], **changes}
+def test_a_parts_object_is_named_by_the_entry_never_by_its_file():
+    entry = JournalEntry.from_json(parallel_entry(), "0000000a")
+    assert entry.part_name(2) == ObjectURL("bkt", "o.gcsstream-parts/0000000a/000002")
+    assert entry.part_name(2).name == "o.gcsstream-parts/0000000a/000002"
+    assert entry.part_name(123456).name == "o.gcsstream-parts/0000000a/123456"
+    other = JournalEntry.from_json(parallel_entry(destination="gs://bkt2/d/x.tar"), "0000000a")
+    assert str(other.part_name(0)) == "gs://bkt2/d/x.tar.gcsstream-parts/0000000a/000000"
+    assert "gcsstream-parts" not in json.dumps(entry.to_json())
 
 
-_RUNNING = parallel_entry()["running"][0]
+def _why(text: str) -> str:
+    return "is not used: .*" + re.escape(text)
+
+
+_NOT_A_RECORD = "'parallel' is not a parallel upload's record"
+_PART_SIZE = "'part_size' is not a positive multiple of 256 KiB"
+_CONNECTIONS = "'connections' is not between 2 and 64"
+_NOT_A_PART = "'parts' holds something that is not a part"
+_NOT_A_RUNNING_PART = "'running' holds something that is not a part"
+_FIELDS = "a part's fields are not non-negative integers"
+_RANGE = "a part's size or crc32c is out of range"
+_OFF_ENDPOINT = "a running part's session URI is not on its endpoint"
+_SHORT = "a part other than the stream's last is shorter than 'part_size'"
 
 
 @pytest.mark.parametrize(
-    ("change", "why"),
+    ("record", "change", "why"),
     [
-        ({"parts": {"0": 1}}, "'parts' is not a list"),
-        ({"parts": [[0, 0, 100]]}, "'parts' holds something that is not a part"),
-        ({"parts": [{**_part(0), "extra": 1}]}, "'parts' holds something that is not a part"),
-        ({"parts": [_part(0, size=-100)]}, "a part's 'size' is not a non-negative integer"),
-        ({"parts": [_part(0, size="100")]}, "a part's 'size' is not a non-negative integer"),
-        ({"parts": [_part(0, generation=True)]}, "a part's 'generation' is not a non-negative integer"),
-        ({"parts": [_part(0, size=0)]}, "a part's size or crc32c is out of range"),
-        ({"parts": [_part(0, crc32c=2**32)]}, "a part's size or crc32c is out of range"),
-        ({"parts": [_part(0, name="o")]}, "a part's object is not under"),
-        ({"parts": [_part(0, name="other")]}, "a part's object is not under"),
-        ({"parts": [_part(0, name=PREFIX)]}, "a part's object is not under"),
-        ({"parts": [_part(0, name="o.gcsstream-parts/0000000f/000000")]}, "a part's object is not under"),
-        ({"parts": [_part(0, name=5)]}, "a part's object is not under"),
-        ({"parts": [_part(1), _part(0)]}, "'parts' are not in order"),
+        # the record itself
+        ({}, {"parallel": []}, _NOT_A_RECORD),
+        ({}, {"parallel": None}, _NOT_A_RECORD),
+        ({"extra": 1}, {}, _NOT_A_RECORD),
+        ({"running": DROP}, {}, _NOT_A_RECORD),
+        ({"part_size": 0}, {}, _PART_SIZE),
+        ({"part_size": -PART}, {}, _PART_SIZE),
+        ({"part_size": PART + 1}, {}, _PART_SIZE),
+        ({"part_size": PART // 2}, {}, _PART_SIZE),
+        ({"part_size": str(PART)}, {}, _PART_SIZE),
+        ({"part_size": float(PART)}, {}, _PART_SIZE),
+        ({"part_size": True}, {}, _PART_SIZE),
+        ({"connections": 1}, {}, _CONNECTIONS),
+        ({"connections": 0}, {}, _CONNECTIONS),
+        ({"connections": 65}, {}, _CONNECTIONS),
+        ({"connections": "4"}, {}, _CONNECTIONS),
+        ({"connections": 4.0}, {}, _CONNECTIONS),
+        ({"connections": True}, {}, _CONNECTIONS),
+        # the lists of parts
+        ({"parts": {"0": 1}}, {}, "'parts' is not a list"),
+        ({"running": "none"}, {}, "'running' is not a list"),
+        ({"running": None}, {}, "'running' is not a list"),
+        ({"parts": [[0, PART, 100]]}, {}, _NOT_A_PART),
+        ({"parts": [[0, PART, 100, 5, 0]]}, {}, _NOT_A_PART),
+        ({"parts": [{"index": 0, "size": PART, "crc32c": 100, "generation": 5}]}, {}, _NOT_A_PART),
+        ({"parts": [5]}, {}, _NOT_A_PART),
+        ({"running": [[1]]}, {}, _NOT_A_RUNNING_PART),
+        ({"running": [[1, RUNNING_URI, 0]]}, {}, _NOT_A_RUNNING_PART),
+        ({"running": [RUNNING_URI]}, {}, _NOT_A_RUNNING_PART),
+        ({"running": [{"index": 1, "session_uri": RUNNING_URI}]}, {}, _NOT_A_RUNNING_PART),
+        ({"parts": [[2, PART, 1, 1], [0, PART, 1, 1]]}, {}, "'parts' are not in order"),
+        ({"parts": [[0, PART, 1, 1], [0, PART, 1, 1]]}, {}, "'parts' are not in order"),
+        ({"parts": [[-1, PART, 1, 1]]}, {}, "'parts' are not in order"),
+        ({"parts": [["0", PART, 1, 1]]}, {}, "'parts' are not in order"),
+        ({"parts": [[True, PART, 1, 1]]}, {}, "'parts' are not in order"),
+        ({"running": [[3, RUNNING_URI], [1, RUNNING_URI]]}, {}, "'running' are not in order"),
+        ({"running": [[1, RUNNING_URI], [1, RUNNING_URI]]}, {}, "'running' are not in order"),
+        ({"running": [[None, RUNNING_URI]]}, {}, "'running' are not in order"),
+        # a finished part's fields
+        ({"parts": [[0, -1, 100, 5]]}, {}, _FIELDS),
+        ({"parts": [[0, str(PART), 100, 5]]}, {}, _FIELDS),
+        ({"parts": [[0, PART, -1, 5]]}, {}, _FIELDS),
+        ({"parts": [[0, PART, 100, True]]}, {}, _FIELDS),
+        ({"parts": [[0, PART, 100, 5.0]]}, {}, _FIELDS),
+        ({"parts": [[0, PART, 100, None]]}, {}, _FIELDS),
+        ({"parts": [[0, 0, 100, 5]]}, {}, _RANGE),
+        ({"parts": [[0, PART + 1, 100, 5]]}, {}, _RANGE),
+        ({"parts": [[0, PART, 2**32, 5]]}, {}, _RANGE),
+        # a running part's session
+        ({"running": [[1, "https://attacker.example/u"]]}, {}, _OFF_ENDPOINT),
+        ({"running": [[1, "http://127.0.0.1:10/upload?upload_id=p1"]]}, {}, _OFF_ENDPOINT),
+        ({"running": [[1, "https://127.0.0.1:9/upload?upload_id=p1"]]}, {}, _OFF_ENDPOINT),
+        ({"running": [[1, "ftp://127.0.0.1:9/upload"]]}, {}, _OFF_ENDPOINT),
+        ({"running": [[1, "file:///etc/passwd"]]}, {}, _OFF_ENDPOINT),
+        ({"running": [[1, "http:///upload"]]}, {}, _OFF_ENDPOINT),
+        ({"running": [[1, ""]]}, {}, _OFF_ENDPOINT),
+        ({"running": [[1, None]]}, {}, _OFF_ENDPOINT),
+        ({"running": [[1, 5]]}, {}, _OFF_ENDPOINT),
+        # the parts together
+        ({"running": [[2, RUNNING_URI]]}, {}, "a part is both finished and running"),
+        ({"running": [[0, RUNNING_URI], [1, RUNNING_URI]]}, {}, "a part is both finished and running"),
         (
-            {"parts": [_part(0), _part(1, offset=99)], "running": []},
-            "part 2 overlaps part 0 or is out of order",
+            {"connections": 2, "running": [[1, RUNNING_URI], [3, RUNNING_URI], [4, RUNNING_URI]]},
+            {},
+            "more parts are running than it has connections",
         ),
+        ({"parts": [[0, 100, 1, 1], [2, PART, 1, 1]]}, {}, _SHORT),
+        ({"parts": [[0, PART, 1, 1], [2, 100, 1, 1], [3, 100, 1, 1]]}, {}, _SHORT),
         (
-            {"parts": [_part(0, index=3), _part(1, index=4, offset=50)], "running": []},
-            "part 4 overlaps part 3",
+            {"parts": [[0, PART, 1, 1], [2, 100, 1, 1]], "running": [[1, RUNNING_URI], [3, RUNNING_URI]]},
+            {},
+            _SHORT,
         ),
-        ({"running": [{**_RUNNING, "offset": 250}]}, "part 2 overlaps part 1 or is out of order"),
-        ({"running": [{**_RUNNING, "index": 2}]}, "part 2 is both finished and running"),
+        ({"part_size": 2 * PART}, {}, _SHORT),
+        # the entry around the record
+        ({}, {"parts": []}, "unknown field 'parts'"),
+        ({}, {"running": []}, "unknown field 'running'"),
+        ({}, {"part_size": PART}, "unknown field 'part_size'"),
+        ({}, {"connections": 4}, "unknown field 'connections'"),
+        ({}, {"schema": 2}, "unknown field 'parallel'"),
+        ({}, {"schema": 1}, "unknown field 'parallel'"),
+        ({}, {"schema": DROP}, "unknown field 'parallel'"),
         (
-            {"running": [{**_RUNNING, "session_uri": "https://attacker.example/u"}]},
-            "session URI is not on its endpoint",
+            {},
+            {"session_uri": f"{ENDPOINT}/upload?upload_id=abc"},
+            "a parallel upload's entry has a session URI",
         ),
-        ({"running": [{**_RUNNING, "session_uri": None}]}, "session URI is not on its endpoint"),
-        ({"running": [{**_RUNNING, "name": "o.bak"}]}, "a part's object is not under"),
-        ({"running": "none"}, "'running' is not a list"),
+        ({}, {"session_uri": DROP}, "no 'session_uri' field"),
+        ({}, {"parallel": DROP}, "'session_uri' is not an http(s) URL"),
+        ({}, {"destination": "gs://bkt/" + "x" * 1000}, "its object name is too long for a parallel upload"),
     ],
 )
-def test_parts_that_are_not_well_formed_make_the_entry_unused(tmp_path, change, why):
+def test_parts_that_are_not_well_formed_make_the_entry_unused(tmp_path, record, change, why):
     journal = Journal(tmp_path / "state")
     journal.check_writable()
     path = tmp_path / "state" / "0000000a.json"
     path.write_text(json.dumps(parallel_entry()))
-    assert journal.load("0000000a").parts  # the same entry, well formed, is used
-    path.write_text(json.dumps(parallel_entry(**change)))
-    with pytest.raises(UsageError, match="is not used: .*" + why.replace("(", r"\(").replace(")", r"\)")):
+    assert journal.load("0000000a").is_parallel  # the same entry, well formed, is used
+    path.write_text(json.dumps(parallel_entry(record, **change)))
+    with pytest.raises(UsageError, match=_why(why)):
         journal.load("0000000a")
     warnings: list[str] = []
     assert Journal(tmp_path / "state", warn=warnings.append).entries() == []
-    assert len(warnings) == 1
+    assert len(warnings) == 1 and "0000000a.json" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("record", "change"),
+    [
+        ({"parts": [[0, PART, 0, 0], [2, 1, 100, 6]]}, {}),  # the stream's last part is short
+        ({"parts": [[0, 5, 1, 1]], "running": []}, {}),  # a stream shorter than one part
+        ({"parts": [], "running": []}, {}),  # nothing stored yet
+        ({"running": [[1, RUNNING_URI], [3, f"{ENDPOINT}/other?upload_id=p3"]]}, {}),
+        ({"connections": 2}, {}),
+        ({"connections": 64}, {}),
+        ({"part_size": 64 * PART, "parts": [[0, 64 * PART, 1, 1]]}, {}),
+        ({}, {"destination": "gs://bkt/" + "x" * 990}),  # its part names are 1022 bytes
+    ],
+)
+def test_parts_at_the_edges_of_the_rules_are_used(record, change):
+    data = parallel_entry(record, **change)
+    entry = JournalEntry.from_json(data, "0000000a")
+    assert entry.to_json()["parallel"] == data["parallel"]
+
+
+# -- the recorder of a parallel upload's parts -------------------------------------------------------
+
+
+def _uri(index: int) -> str:
+    return f"{ENDPOINT}/upload?upload_id=p{index}"
+
+
+class _CountedWrites(Journal):
+    def __init__(self, directory) -> None:
+        super().__init__(directory)
+        self.writes = 0
+
+    def write(self, entry: JournalEntry) -> None:
+        self.writes += 1
+        super().write(entry)
+
+
+def _parts_recorder(tmp_path, journal: Journal | None = None) -> PartsRecorder:
+    return PartsRecorder.for_new(
+        journal or Journal(tmp_path / "state"),
+        settings(),
+        chunk_size=262144,
+        source={"kind": "stream"},
+        part_size=PART,
+        connections=4,
+    )
+
+
+def _on_disk(tmp_path, entry_id: str) -> JournalEntry:
+    """The entry as a fresh process reads it."""
+    return Journal(tmp_path / "state").load(entry_id)
+
+
+def test_a_parallel_uploads_entry_is_created_when_it_starts(tmp_path):
+    recorder = _parts_recorder(tmp_path)
+    assert recorder.entry is None and not list(tmp_path.glob("state/*.json"))
+    entry = recorder.started()
+    assert re.fullmatch(r"[0-9a-f]{16}", entry.id)
+    assert recorder.started() is entry  # created once
+    loaded = _on_disk(tmp_path, entry.id)
+    assert loaded == entry and loaded.session_uri == "" and loaded.is_parallel
+    assert (loaded.part_size, loaded.connections, loaded.parts, loaded.running) == (PART, 4, [], [])
+    assert loaded.settings == settings() and loaded.source == {"kind": "stream"}
+    assert loaded.chunk_size == 262144 and loaded.persisted == 0
+    assert [p.name for p in (tmp_path / "state").glob("*.json")] == [f"{entry.id}.json"]
+    assert Journal(tmp_path / "state").holder(entry.id) is not None  # locked by this run
+    assert entry.part_name(7).name == f"o.gcsstream-parts/{entry.id}/000007"
+
+
+def test_a_part_started_first_creates_the_entry(tmp_path):
+    recorder = _parts_recorder(tmp_path)
+    recorder.part_started(0, _uri(0))
+    assert recorder.entry is not None
+    assert _on_disk(tmp_path, recorder.entry.id).running == [RunningPart(0, _uri(0))]
+
+
+def test_each_part_started_and_finished_is_on_disk_when_the_call_returns(tmp_path):
+    recorder = _parts_recorder(tmp_path)
+    entry_id = recorder.started().id
+    recorder.part_started(1, _uri(1))
+    assert _on_disk(tmp_path, entry_id).running == [RunningPart(1, _uri(1))]
+    recorder.part_started(0, _uri(0))
+    assert _on_disk(tmp_path, entry_id).running == [RunningPart(0, _uri(0)), RunningPart(1, _uri(1))]
+    recorder.part_finished(1, PART, 7, 11)
+    loaded = _on_disk(tmp_path, entry_id)
+    assert loaded.running == [RunningPart(0, _uri(0))]
+    assert loaded.parts == [FinishedPart(1, PART, 7, 11)] and loaded.persisted == PART
+    recorder.part_started(0, _uri(9))  # a new session of the same part replaces the old one
+    assert _on_disk(tmp_path, entry_id).running == [RunningPart(0, _uri(9))]
+    recorder.part_finished(0, PART, 8, 12)
+    recorder.part_finished(2, 100, 9, 13)  # the stream's short last part
+    loaded = _on_disk(tmp_path, entry_id)
+    assert loaded.running == []
+    assert loaded.parts == [
+        FinishedPart(0, PART, 8, 12),
+        FinishedPart(1, PART, 7, 11),
+        FinishedPart(2, 100, 9, 13),
+    ]
+    assert loaded.persisted == 2 * PART + 100
+    assert (recorder.entry.parts, recorder.entry.persisted) == (loaded.parts, loaded.persisted)  # type: ignore[union-attr]
+
+
+def test_a_session_journaled_already_is_not_written_again(tmp_path):
+    journal = _CountedWrites(tmp_path / "state")
+    recorder = _parts_recorder(tmp_path, journal)
+    recorder.part_started(1, _uri(1))
+    writes = journal.writes
+    recorder.part_started(1, _uri(1))
+    assert journal.writes == writes
+    recorder.part_started(1, _uri(2))
+    assert journal.writes == writes + 1
+
+
+def test_a_finished_parallel_upload_leaves_no_entry(tmp_path):
+    recorder = _parts_recorder(tmp_path)
+    recorder.part_started(0, _uri(0))
+    recorder.part_finished(0, PART, 1, 1)
+    assert not recorder.done and list((tmp_path / "state").glob("*.json"))
+    recorder.finished()
+    assert recorder.done
+    assert list((tmp_path / "state").iterdir()) == []  # neither the entry nor its lock
+
+
+def test_a_parallel_upload_finished_before_it_started_writes_nothing(tmp_path):
+    recorder = _parts_recorder(tmp_path)
+    recorder.keep_only({0})
+    recorder.finished()
+    assert recorder.done and recorder.entry is None
+    assert not list(tmp_path.glob("state/*"))
+
+
+def test_keep_only_leaves_the_parts_a_failed_run_did_not_delete(tmp_path):
+    recorder = _parts_recorder(tmp_path)
+    for index in range(3):
+        recorder.part_started(index, _uri(index))
+        recorder.part_finished(index, PART, index, 10 + index)
+    recorder.part_started(3, _uri(3))
+    recorder.keep_only({0, 2})
+    loaded = _on_disk(tmp_path, recorder.started().id)
+    assert loaded.running == []
+    assert loaded.parts == [FinishedPart(0, PART, 0, 10), FinishedPart(2, PART, 2, 12)]
+    assert loaded.persisted == 2 * PART
+
+
+def test_a_resumed_parallel_upload_goes_on_with_its_own_entry(tmp_path):
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    (tmp_path / "state" / "0000000a.json").write_text(json.dumps(parallel_entry()))
+    entry = journal.load("0000000a")
+    recorder = PartsRecorder(journal, entry)
+    assert recorder.started() is entry
+    recorder.part_finished(1, PART, 3, 7)
+    loaded = _on_disk(tmp_path, "0000000a")
+    assert loaded.running == [] and [p.index for p in loaded.parts] == [0, 1, 2]
+    assert loaded.parts[1] == FinishedPart(1, PART, 3, 7) and loaded.persisted == 3 * PART
+    assert [p.name for p in (tmp_path / "state").glob("*.json")] == ["0000000a.json"]
+
+
+def test_an_entry_too_large_to_journal_is_refused_with_advice(tmp_path, monkeypatch):
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    entry = JournalEntry.from_json(parallel_entry(), "0000000a")
+    journal.write(entry)
+    path = tmp_path / "state" / "0000000a.json"
+    before = path.read_bytes()
+    entry.parts = [FinishedPart(index, PART, index, index) for index in range(0, 40, 2)]
+    size = len(journal_module._encoded(entry))
+    monkeypatch.setattr(journal_module, "MAX_ENTRY_BYTES", size)
+    assert journal_module._encoded(entry)  # at the limit: still journaled
+    monkeypatch.setattr(journal_module, "MAX_ENTRY_BYTES", size - 1)
+    advice = r"upload 0000000a has too many parts to journal \(21\): use a larger --part-size"
+    with pytest.raises(UsageError, match=advice):
+        journal_module._encoded(entry)
+    # A write stamps the entry's time, which may be a few bytes shorter: well under the limit.
+    monkeypatch.setattr(journal_module, "MAX_ENTRY_BYTES", size - 20)
+    with pytest.raises(UsageError, match=advice):
+        journal.write(entry)
+    assert path.read_bytes() == before  # the entry on disk is the last one that fitted
+
+
+def test_a_part_that_makes_the_entry_too_large_stops_the_upload(tmp_path, monkeypatch):
+    recorder = _parts_recorder(tmp_path)
+    entry = recorder.started()
+    path = tmp_path / "state" / f"{entry.id}.json"
+    before = path.read_bytes()
+    # One more part is some 20 bytes; the time it was written may be a few shorter.
+    monkeypatch.setattr(journal_module, "MAX_ENTRY_BYTES", len(before) + 2)
+    with pytest.raises(UsageError, match=r"too many parts to journal \(1\): use a larger --part-size"):
+        recorder.part_finished(0, PART, 1, 1)
+    assert _on_disk(tmp_path, entry.id).parts == []
