@@ -453,13 +453,11 @@ def plan_new(
     identity = source_identity(earlier_of)
     if identity["kind"] != "file":
         return plan
-    candidates = [
-        e
-        for e in journal.entries()
-        if e.destination == str(destination) and continuable(e, identity) and _same_kind(e, parallel)
-    ]
+    earlier = [e for e in journal.entries() if e.destination == str(destination) and continuable(e, identity)]
+    candidates = [e for e in earlier if _same_kind(e, parallel)]
     decided = continuation(journal, candidates, settings, restart=restart)
-    plan.left, plan.replace = decided.left, decided.replace
+    other_kind = [(e, "--parallel or --part-size differ") for e in earlier if not _same_kind(e, parallel)]
+    plan.left, plan.replace = other_kind + decided.left, decided.replace
     if decided.entry is not None:
         entry = decided.entry
         plan.entry = entry

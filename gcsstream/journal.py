@@ -817,7 +817,11 @@ class PartsRecorder:
             if self.closed:
                 return  # its session is journaled as running: a resume finds it finished
             entry = self.started()
-            entry.running = [p for p in entry.running if p.index != index]
+            # A short part ends the stream: no part after it runs (a shorter stream resumed).
+            last = index if size < (entry.part_size or size + 1) else None
+            entry.running = [
+                p for p in entry.running if p.index != index and (last is None or p.index < last)
+            ]
             parts = [p for p in entry.parts if p.index != index] + [
                 FinishedPart(index, size, crc32c, generation)
             ]

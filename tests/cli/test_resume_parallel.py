@@ -284,3 +284,21 @@ def test_a_resume_refused_before_any_part_moves_leaves_the_upload_as_it_was(serv
     assert code == 0, err
     assert_stored(server, BUCKET, "kept", data)
     assert server.list_objects(BUCKET) == ["kept"] and journals(env) == []
+
+
+def test_a_put_of_another_kind_names_the_parallel_upload_it_leaves(server, env, tmp_path):
+    src = tmp_path / "src.bin"
+    data = make_input(src, random.Random(5), 12, PART)
+    start = last_seq(server)
+    proc = gcs(f"put {options()} {src} gs://{BUCKET}/kind", env)
+    wait_for_stored_parts(server, 2, start)
+    kill(proc)
+    upload = the_upload(env)
+    code, _, err = finish(gcs(f"put --chunk-size {CHUNK} {src} gs://{BUCKET}/kind", env))
+    assert code == 0, err
+    assert (
+        f"not continuing the unfinished upload {upload} of this file (--parallel or --part-size "
+        f"differ): starting a new upload; {upload} is left as it was" in unstamped(err)
+    )
+    assert_stored(server, BUCKET, "kind", data)
+    assert journals(env) == [upload]

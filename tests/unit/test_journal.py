@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from gcsstream import journal as journal_module
-from gcsstream.errors import Busy, UsageError
+from gcsstream.errors import Busy, Interrupted, UsageError
 from gcsstream.jobs import claim_entry
 from gcsstream.journal import (
     FinishedPart,
@@ -635,6 +635,30 @@ def test_keep_only_leaves_the_parts_a_failed_run_did_not_delete(tmp_path):
     assert loaded.running == []
     assert loaded.parts == [FinishedPart(0, PART, 0, 10), FinishedPart(2, PART, 2, 12)]
     assert loaded.persisted == 2 * PART
+
+
+def test_a_short_part_ends_the_stream_for_the_journal(tmp_path):
+    # Found in review: a shorter stream resumed left parts after its short last part running in
+    # the entry, which then failed validation ("shorter than 'part_size'") and could not be
+    # resumed or aborted.
+    recorder = _parts_recorder(tmp_path)
+    for index in range(4):
+        recorder.part_started(index, _uri(index))
+    recorder.part_finished(1, PART - 5, 1, 11)
+    loaded = _on_disk(tmp_path, recorder.started().id)  # it loads: well formed
+    assert [p.index for p in loaded.running] == [0]
+    assert loaded.parts == [FinishedPart(1, PART - 5, 1, 11)]
+
+
+def test_a_closed_recorder_journals_nothing_more(tmp_path):
+    recorder = _parts_recorder(tmp_path)
+    recorder.part_started(0, _uri(0))
+    recorder.close()
+    recorder.part_finished(0, PART, 1, 2)  # a worker that outlived the run: its session is enough
+    with pytest.raises(Interrupted):
+        recorder.part_started(1, _uri(1))
+    loaded = _on_disk(tmp_path, recorder.started().id)
+    assert loaded.parts == [] and [p.index for p in loaded.running] == [0]
 
 
 def test_a_resumed_parallel_upload_goes_on_with_its_own_entry(tmp_path):
