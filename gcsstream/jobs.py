@@ -251,6 +251,7 @@ def continuable(entry: JournalEntry, identity: Mapping[str, Any]) -> bool:
         and src.get("size") == identity.get("size")
         and src.get("mtime_ns") == identity.get("mtime_ns")
         and not entry.expired
+        and not entry.composed
     )
 
 
@@ -711,4 +712,5 @@ def entry_summary(entry: JournalEntry) -> dict[str, Any]:
         "source": entry.source,
         "expired": entry.expired,
         **({"parts": len(entry.parts), "running": len(entry.running)} if entry.is_parallel else {}),
+        **({"composed": entry.composed} if entry.composed else {}),
     }

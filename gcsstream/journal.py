@@ -134,7 +134,8 @@ def _parallel_from_json(data: dict[str, Any]) -> dict[str, Any]:
     stream's last is ``part_size`` long, sessions are on the endpoint, no part is both finished
     and running, and no more parts run than there are connections."""
     record = data.pop("parallel")
-    if not isinstance(record, dict) or set(record) != {"part_size", "connections", "parts", "running"}:
+    keys = {"part_size", "connections", "parts", "running"}
+    if not isinstance(record, dict) or not keys <= set(record) <= keys | {"composed"}:
         raise ValueError("'parallel' is not a parallel upload's record")
     part_size, connections = record["part_size"], record["connections"]
     if not (_non_negative_int(part_size) and part_size > 0 and part_size % CHUNK_QUANTUM == 0):
@@ -173,7 +174,16 @@ def _parallel_from_json(data: dict[str, Any]) -> dict[str, Any]:
     last = max(done, default=-1)
     if short and (short[0].index != last or any(p.index > last for p in running)):
         raise ValueError("a part other than the stream's last is shorter than 'part_size'")
-    return {"part_size": part_size, "connections": connections, "parts": finished, "running": running}
+    composed = record.get("composed", 0)
+    if not _non_negative_int(composed) or (composed and running):
+        raise ValueError("'composed' is not the generation of a finished upload's object")
+    return {
+        "part_size": part_size,
+        "connections": connections,
+        "parts": finished,
+        "running": running,
+        "composed": composed,
+    }
 
 
 @dataclass
@@ -205,6 +215,9 @@ class JournalEntry:
     connections: int = 0
     parts: list[FinishedPart] = field(default_factory=list)
     running: list[RunningPart] = field(default_factory=list)
+    #: A parallel upload that composed its object (this generation) but could not delete the
+    #: temporary objects ``parts`` lists: nothing to resume, only to ``abort`` (0: not composed).
+    composed: int = 0
 
     @property
     def is_parallel(self) -> bool:
@@ -217,7 +230,7 @@ class JournalEntry:
     def to_json(self) -> dict[str, Any]:
         """The entry as written: the oldest schema that holds it."""
         data = asdict(self)
-        for key in ("part_size", "connections", "parts", "running"):
+        for key in ("part_size", "connections", "parts", "running", "composed"):
             del data[key]
         if not self.is_parallel:
             data["schema"] = _SINGLE_SCHEMA
@@ -227,6 +240,7 @@ class JournalEntry:
             "connections": self.connections,
             "parts": [[p.index, p.size, p.crc32c, p.generation] for p in self.parts],
             "running": [[p.index, p.session_uri] for p in self.running],
+            **({"composed": self.composed} if self.composed else {}),
         }
         return data
 
@@ -265,7 +279,7 @@ class JournalEntry:
                 f"it was written by a newer gcsstream (journal schema {schema}; this one reads up to "
                 f"{SCHEMA}): use that version to resume it; it is left as it is"
             )
-        for key in ("part_size", "connections", "parts", "running"):  # only inside ``parallel``
+        for key in ("part_size", "connections", "parts", "running", "composed"):  # in ``parallel``
             if key in data:
                 raise ValueError(f"unknown field {key!r}")
         parallel = "parallel" in data
@@ -829,12 +843,14 @@ class PartsRecorder:
             entry.persisted = sum(p.size for p in entry.parts)
             self._write()
 
-    def keep_only(self, indexes: set[int]) -> None:
-        """After a failed run's cleanup: only these finished parts are left (no session runs)."""
+    def keep_only(self, indexes: set[int], *, composed: int = 0) -> None:
+        """After a run's cleanup: only these finished parts are left (no session runs); with
+        ``composed``, the object was created (generation) and the entry is kept for ``abort``."""
         with self._lock:
             self.closed = True
             if self.entry is None:
                 return
+            self.entry.composed = composed
             self.entry.running = []
             self.entry.parts = [p for p in self.entry.parts if p.index in indexes]
             self.entry.persisted = sum(p.size for p in self.entry.parts)

@@ -369,9 +369,12 @@ class _Run:
             raise self._failed(exc, left) from None
         left = self._cleanup(workers, failed=False)
         if self.recorder is not None:
-            self.recorder.finished()
+            self._journal_leftovers(composed=final.piece.generation or 1)
         if left and self.o._warn is not None:
-            self.o._warn(left)
+            entry = self.recorder.entry if self.recorder is not None else None
+            kept = entry is not None and self.recorder is not None and not self.recorder.done
+            hint = f" (`gcsstream abort {entry.id}` deletes them)" if kept and entry is not None else ""
+            self.o._warn(left + hint)
         stored = final.resource
         result = UploadResult(
             bucket=self.destination.bucket,
@@ -688,6 +691,12 @@ class _Run:
         entry = self.resumed
         if entry is None:
             return
+        if entry.composed:
+            raise UsageError(
+                f"upload {entry.id} has finished: it created {entry.destination} generation "
+                f"{entry.composed}; only temporary objects it could not delete are left "
+                f"(`gcsstream abort {entry.id}` deletes them)"
+            )
         if (entry.part_size, entry.connections) != (self.part_size, self.n):
             raise UsageError(
                 f"upload {entry.id} has parts of {entry.part_size} bytes over {entry.connections} "
@@ -727,7 +736,7 @@ class _Run:
                 self.recorder.flush()
             self.recorder.close()  # a part still running past the grace journals nothing more
 
-    def _journal_leftovers(self) -> None:
+    def _journal_leftovers(self, *, composed: int = 0) -> None:
         """After a failed run's cleanup: forget the entry, or keep the parts that are left in it
         (``sessions`` lists them; ``abort`` deletes them)."""
         recorder = self.recorder
@@ -737,7 +746,7 @@ class _Run:
         left = {p.index for p in entry.parts if entry.part_name(p.index).name not in self.gone_names}
         with contextlib.suppress(GcsstreamError):
             if left:
-                recorder.keep_only(left)
+                recorder.keep_only(left, composed=composed)
             else:
                 recorder.finished()
 

@@ -302,3 +302,26 @@ def test_a_put_of_another_kind_names_the_parallel_upload_it_leaves(server, env, 
     )
     assert_stored(server, BUCKET, "kind", data)
     assert journals(env) == [upload]
+
+
+def test_parts_left_after_a_success_are_listed_and_aborted_not_resumed(server, env, tmp_path):
+    src = tmp_path / "src.bin"
+    data = make_input(src, random.Random(9), 6, PART)
+    server.faults.add(Fault("status", status=403, on="delete", times=2))
+    code, _, err = finish(gcs(f"put {options()} - gs://{BUCKET}/left", env, src))
+    assert code == 0, err
+    assert_stored(server, BUCKET, "left", data)
+    upload = the_upload(env)
+    assert "could not be deleted" in err and f"(`gcsstream abort {upload}` deletes them)" in err
+    left = [n for n in server.list_objects(BUCKET) if n != "left"]
+    (entry,) = sessions(env)
+    assert entry["parts"] == len(left) == 2  # listed by `sessions`
+    assert journal_file(env, upload)["parallel"]["composed"] > 0
+    generation = server.object_resource(BUCKET, "left")["generation"]
+    code, _, err = finish(gcs(f"resume {upload} -", env, src))  # it must not compose again
+    assert code == 2, err
+    assert f"upload {upload} has finished: it created gs://{BUCKET}/left generation" in err
+    assert server.object_resource(BUCKET, "left")["generation"] == generation
+    code, _, err = finish(gcs(f"abort {upload}", env))
+    assert code == 0, err
+    assert server.list_objects(BUCKET) == ["left"] and journals(env) == []

@@ -707,3 +707,19 @@ def test_a_part_that_makes_the_entry_too_large_stops_the_upload(tmp_path, monkey
     with pytest.raises(UsageError, match=r"too many parts to journal \(1\): use a larger --part-size"):
         recorder.part_finished(0, PART, 1, 1)
     assert _on_disk(tmp_path, entry.id).parts == []
+
+
+def test_a_composed_entry_keeps_its_leftover_parts_and_round_trips(tmp_path):
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    data = parallel_entry({"running": [], "composed": 77})
+    entry = JournalEntry.from_json(data, "0000000a")
+    assert entry.composed == 77 and [p.index for p in entry.parts] == [0, 2]
+    journal.write(entry)
+    assert journal.load("0000000a") == entry
+    written = json.loads((tmp_path / "state" / "0000000a.json").read_text())["parallel"]
+    assert written["composed"] == 77
+    assert "composed" not in JournalEntry.from_json(parallel_entry(), "0000000a").to_json()["parallel"]
+    for bad in ({"composed": -1}, {"composed": "77"}, {"composed": 77}):  # the last: a part runs
+        with pytest.raises(ValueError, match="'composed' is not the generation"):
+            JournalEntry.from_json(parallel_entry(bad), "0000000a")
