@@ -311,8 +311,18 @@ def _metadata_of(entry: JournalEntry) -> ObjectMetadata:
     return ObjectMetadata(content_type=str(entry.resource.get("contentType", "application/octet-stream")))
 
 
-def _parallel_of(entry: JournalEntry) -> ParallelOptions:
-    return ParallelOptions(entry.connections, entry.part_size)
+def _parallel_of(entry: JournalEntry) -> ParallelOptions | None:
+    return ParallelOptions(entry.connections, entry.part_size) if entry.is_parallel else None
+
+
+def _resume_of(entry: JournalEntry) -> Resume | None:
+    """The session a continued upload resumes, with the prefix to verify (a parallel one has none:
+    its parts are checked by the parallel run)."""
+    from gcsstream.engine import Resume
+
+    if entry.is_parallel:
+        return None
+    return Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c))
 
 
 def _same_kind(entry: JournalEntry, parallel: ParallelOptions | None) -> bool:
@@ -454,17 +464,21 @@ def plan_new(
     identity = source_identity(earlier_of)
     if identity["kind"] != "file":
         return plan
-    earlier = [e for e in journal.entries() if e.destination == str(destination) and continuable(e, identity)]
-    candidates = [e for e in earlier if _same_kind(e, parallel)]
+    candidates: list[JournalEntry] = []
+    other_kind: list[tuple[JournalEntry, str]] = []
+    for e in journal.entries():
+        if e.destination == str(destination) and continuable(e, identity):
+            if _same_kind(e, parallel):
+                candidates.append(e)
+            else:
+                other_kind.append((e, "--parallel or --part-size differ"))
     decided = continuation(journal, candidates, settings, restart=restart)
-    other_kind = [(e, "--parallel or --part-size differ") for e in earlier if not _same_kind(e, parallel)]
     plan.left, plan.replace = other_kind + decided.left, decided.replace
     if decided.entry is not None:
         entry = decided.entry
         plan.entry = entry
         plan.metadata = _metadata_of(entry)
-        if not entry.is_parallel:
-            plan.resume = Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c))
+        plan.resume = _resume_of(entry)
     return plan
 
 
@@ -544,13 +558,11 @@ class Continuing:
             self.destination,
             options,
             _metadata_of(entry),
-            resume=None
-            if entry.is_parallel
-            else Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c)),
+            resume=_resume_of(entry),
             journal=self.journal,
             entry=entry,
             gzip=entry.gzip,
-            parallel=_parallel_of(entry) if entry.is_parallel else None,
+            parallel=_parallel_of(entry),
         )
 
     def release(self) -> None:

@@ -120,13 +120,16 @@ def _non_negative_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _on_endpoint(url: Any, endpoint: str) -> bool:
+def _is_http_url(url: Any) -> bool:
     return (
         isinstance(url, str)
         and url.startswith(("http://", "https://"))
         and bool(urllib.parse.urlsplit(url).netloc)
-        and origin(url) == origin(endpoint)
     )
+
+
+def _on_endpoint(url: Any, endpoint: str) -> bool:
+    return _is_http_url(url) and origin(url) == origin(endpoint)
 
 
 def _parallel_from_json(data: dict[str, Any]) -> dict[str, Any]:
@@ -325,18 +328,12 @@ class JournalEntry:
             raise ValueError(f"its id {data['id']!r} is not its file name")
         if data["checksum"] not in CHECKSUM_MODES:
             raise ValueError("'checksum' is not a checksum mode")
-        if (
-            not data["endpoint"].startswith(("http://", "https://"))
-            or not urllib.parse.urlsplit(data["endpoint"]).netloc
-        ):
+        if not _is_http_url(data["endpoint"]):
             raise ValueError("'endpoint' is not an http(s) URL")
         if parallel:  # its sessions are its parts'
             if data["session_uri"]:
                 raise ValueError("a parallel upload's entry has a session URI")
-        elif (
-            not data["session_uri"].startswith(("http://", "https://"))
-            or not urllib.parse.urlsplit(data["session_uri"]).netloc
-        ):
+        elif not _is_http_url(data["session_uri"]):
             raise ValueError("'session_uri' is not an http(s) URL")
         elif origin(data["session_uri"]) != origin(data["endpoint"]):
             raise ValueError("its session URI is not on its endpoint")
@@ -832,10 +829,8 @@ class PartsRecorder:
                 return  # its session is journaled as running: a resume finds it finished
             entry = self.started()
             # A short part ends the stream: no part after it runs (a shorter stream resumed).
-            last = index if size < (entry.part_size or size + 1) else None
-            entry.running = [
-                p for p in entry.running if p.index != index and (last is None or p.index < last)
-            ]
+            short = size < entry.part_size
+            entry.running = [p for p in entry.running if p.index != index and not (short and p.index > index)]
             parts = [p for p in entry.parts if p.index != index] + [
                 FinishedPart(index, size, crc32c, generation)
             ]

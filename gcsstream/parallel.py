@@ -371,9 +371,8 @@ class _Run:
         if self.recorder is not None:
             self._journal_leftovers(composed=final.piece.generation or 1)
         if left and self.o._warn is not None:
-            entry = self.recorder.entry if self.recorder is not None else None
-            kept = entry is not None and self.recorder is not None and not self.recorder.done
-            hint = f" (`gcsstream abort {entry.id}` deletes them)" if kept and entry is not None else ""
+            kept = self.recorder.entry if self.recorder is not None and not self.recorder.done else None
+            hint = f" (`gcsstream abort {kept.id}` deletes them)" if kept is not None else ""
             self.o._warn(left + hint)
         stored = final.resource
         result = UploadResult(
@@ -717,9 +716,7 @@ class _Run:
         for name, generation in self._listed():
             if (name, generation) in keep:
                 continue
-            why = self._delete(
-                self.transport, _Piece(ObjectURL(self.destination.bucket, name), 0, 0, 1, generation)
-            )
+            why = self._delete(self.transport, self._listed_piece(name, generation))
             if why is not None:
                 raise TransientError(
                     f"a temporary object an earlier run left, gs://{self.destination.bucket}/{name}, "
@@ -1063,8 +1060,7 @@ class _Run:
                 with guard:
                     known = name in gone or name in left
                 if not known:
-                    piece = _Piece(ObjectURL(self.destination.bucket, name), 0, 0, 1, generation)
-                    settle(name, self._delete(self.transport, piece))
+                    settle(name, self._delete(self.transport, self._listed_piece(name, generation)))
 
     def _stop_parts(self) -> list[str]:
         """Cancel the sessions of the parts still uploading (a cancelled session creates nothing,
@@ -1153,6 +1149,10 @@ class _Run:
             if not token:
                 return found
 
+    def _listed_piece(self, name: str, generation: int | None) -> _Piece:
+        """An object ``_listed`` found under the prefix, to delete by its generation."""
+        return _Piece(ObjectURL(self.destination.bucket, name), 0, 0, 1, generation)
+
     def _list_page(self, url: str, what: str) -> dict[str, Any]:
         return self._retrying(
             lambda _: self._exchange(self.transport, "GET", url, None, what), what, CLEANUP_RETRY_DEADLINE
@@ -1175,7 +1175,7 @@ class _Run:
                 left.append(f"the session of gs://{bucket}/{target.name} ({exc})")
         for name, generation in self._listed():
             known = True
-            why = self._delete(self.transport, _Piece(ObjectURL(bucket, name), 0, 0, 1, generation))
+            why = self._delete(self.transport, self._listed_piece(name, generation))
             if why is not None:
                 left.append(f"gs://{bucket}/{name} ({why})")
         if left:
