@@ -76,7 +76,7 @@ class Checksums:
         self.crc32c = 0
         self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self.crc32c = crc32c_extend(self.crc32c, data)
         if self._md5 is not None:
             self._md5.update(data)

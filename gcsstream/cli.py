@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import signal
@@ -649,6 +650,7 @@ def cat(
         downloader = Downloader(
             transport, options, on_start=sized, on_progress=state.progress, on_retry=state.record
         )
+        _loaded()
         with display(state, mode=progress, interval=progress_interval, quiet=quiet, verb="received"):
             if output is not None:
                 result = downloader.download_to_file(source, output, raw=raw)
@@ -984,10 +986,17 @@ def _age(created: float) -> str:
     return f"{seconds:.0f}s"
 
 
+def _loaded() -> None:
+    """What is loaded by now (the Google stack, the run's settings) lives as long as the process:
+    the garbage collector's full passes during a long transfer need not walk it again."""
+    gc.freeze()
+
+
 def _resumable(recorder: JournalRecorder | PartsRecorder | None, run: Callable[[], T]) -> T:
     """Run an upload; if it stops short, say what is stored and how to continue."""
     from gcsstream import jobs
 
+    _loaded()
     try:
         return run()
     except KeyboardInterrupt:

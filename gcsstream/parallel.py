@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import queue
 import secrets
 import signal
@@ -104,7 +105,7 @@ from gcsstream.session import (
     parse_resource,
     resource_int,
 )
-from gcsstream.sources import ChunkSource, read_full
+from gcsstream.sources import Chunk, ChunkSource, read_full, read_full_into
 from gcsstream.transport import HTTPTransport
 
 if TYPE_CHECKING:
@@ -140,16 +141,26 @@ class _Piece:
     generation: int | None = None
 
 
+def _part_buffer(size: int, *, populate: bool) -> mmap.mmap:
+    """Memory for a part's bytes: anonymous pages, which the kernel hands out zeroed (a
+    ``bytearray`` is also cleared by hand), and with ``populate`` mapped in one call rather than
+    one page fault per 4 KiB as the stream is read into it."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)  # Linux
+    return mmap.mmap(-1, size, flags=flags)
+
+
 class _PartSource:
     """A ``ChunkSource`` over one part's bytes, held as the pieces the reader read: a chunk-sized
     read hands out a piece as it is (no copy)."""
 
-    def __init__(self, pieces: list[bytes], description: str) -> None:
+    def __init__(self, pieces: list[Chunk], description: str) -> None:
         self._pieces = deque(pieces)
         self.size: int | None = sum(len(p) for p in pieces)
         self.description = description
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> Chunk:
         if not self._pieces:
             return b""
         head = self._pieces[0]
@@ -319,6 +330,9 @@ class _Run:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.in_flight = 0  # parts read and not yet finished: each holds its bytes
+        #: Part buffers no part holds any more: a stream is read into them again, so that the
+        #: run faults in at most ``parallel`` parts of fresh memory, not the whole input.
+        self.spare: list[mmap.mmap] = []
         self.failure: BaseException | None = None
         self.futures: list[Future[Any]] = []
         self.temporaries: list[_Piece] = []  # created by this run, to delete at the end
@@ -439,9 +453,9 @@ class _Run:
         while True:
             index = len(parts)
             self._wait_for_room()
-            pieces, size = self._read_part(chunk)
+            pieces, size, buffer = self._read_part(chunk, full=bool(parts))
             if size == 0 and parts:
-                self._release_room()
+                self._release_room(buffer)
                 break
             expected = self.opts.expected_size
             if expected is not None and total + size > expected:
@@ -450,7 +464,8 @@ class _Run:
             stored = finished.get(index)
             if stored is not None:
                 self._check_stored(index, total, stored.size, stored.crc32c, pieces, size)
-                self._release_room()
+                del pieces
+                self._release_room(buffer)
                 part = _Piece(target, size, stored.crc32c, generation=stored.generation)
                 parts.append(part)
                 with self.lock:
@@ -465,12 +480,12 @@ class _Run:
                 # is verified: hashed once, not also here.
                 part = _Piece(target, size, 0)
                 parts.append(part)
-                job = self._part_job(index, total, part, pieces, running.get(index))
+                job = self._part_job(index, total, part, pieces, buffer, running.get(index))
                 if index < last_finished:
                     held.append(job)
                 else:
                     self.futures.append(workers.submit(job))
-            del pieces
+            pieces = []
             total += size
             with self.lock:
                 self.read = total
@@ -495,7 +510,7 @@ class _Run:
         return parts, total, crc
 
     def _check_stored(
-        self, index: int, offset: int, size: int, crc32c: int, pieces: list[bytes], read: int
+        self, index: int, offset: int, size: int, crc32c: int, pieces: list[Chunk], read: int
     ) -> None:
         """A part stored by an earlier run must be what the input holds there (``PrefixMismatch``)."""
         found = 0
@@ -510,9 +525,12 @@ class _Run:
                 "input; the upload is left as it was"
             )
 
-    def _release_room(self) -> None:
+    def _release_room(self, buffer: mmap.mmap | None) -> None:
+        """A part's bytes are no longer needed: its buffer can take another part."""
         with self.cond:
             self.in_flight -= 1
+            if buffer is not None:
+                self.spare.append(buffer)
             self.cond.notify_all()
 
     def _wait_for_room(self) -> None:
@@ -524,27 +542,44 @@ class _Run:
                 raise self.failure
             self.in_flight += 1
 
-    def _read_part(self, chunk: int) -> tuple[list[bytes], int]:
-        pieces: list[bytes] = []
+    def _read_part(self, chunk: int, *, full: bool) -> tuple[list[Chunk], int, mmap.mmap | None]:
+        """The next part's bytes, as chunk-sized pieces (the engine sends each without a copy),
+        and the buffer holding them, for a source that reads into buffers: a spare one, or new
+        (``full``: the stream has filled a part before, so this one is likely full too)."""
+        pieces: list[Chunk] = []
         size = 0
-        while size < self.part_size:
-            piece = self._read_full(min(chunk, self.part_size - size))
-            if not piece:
-                break
-            pieces.append(piece)
-            size += len(piece)
-        return pieces, size
-
-    def _read_full(self, n: int) -> bytes:
+        buffer = None
+        if hasattr(self.source, "readinto"):
+            with self.lock:
+                buffer = self.spare.pop() if self.spare else None
+            if buffer is None:
+                buffer = _part_buffer(self.part_size, populate=full)
+            view = memoryview(buffer)
         try:
-            return read_full(self.source, n)
+            while size < self.part_size:
+                n = min(chunk, self.part_size - size)
+                if buffer is None:
+                    piece = read_full(self.source, n)
+                else:
+                    piece = view[size : size + read_full_into(self.source, view[size : size + n])]
+                if not piece:
+                    break
+                pieces.append(piece)
+                size += len(piece)
         except GcsstreamError:
             raise
         except Exception as exc:  # a source that raised something unexpected, as the window says
             raise SourceError(f"reading {self.source.description} failed: {exc}") from None
+        return pieces, size, buffer
 
     def _part_job(
-        self, index: int, offset: int, part: _Piece, pieces: list[bytes], session_uri: str | None = None
+        self,
+        index: int,
+        offset: int,
+        part: _Piece,
+        pieces: list[Chunk],
+        buffer: mmap.mmap | None,
+        session_uri: str | None = None,
     ) -> Callable[[HTTPTransport], None]:
         source = _PartSource(pieces, f"part {index} of {self.source.description}")
 
@@ -560,11 +595,11 @@ class _Run:
                         self.aborted.set()
                 raise
             finally:
-                source.close()  # its bytes are no longer needed, whatever happened
+                # Its bytes are no longer needed, whatever happened: nothing sends them any more
+                # (every send of this part ran on this thread), so its buffer can be reused.
+                source.close()
                 pieces.clear()
-                with self.cond:
-                    self.in_flight -= 1
-                    self.cond.notify_all()
+                self._release_room(buffer)
 
         return job
 
@@ -575,7 +610,7 @@ class _Run:
         offset: int,
         part: _Piece,
         source: _PartSource,
-        pieces: list[bytes],
+        pieces: list[Chunk],
         session_uri: str | None,
     ) -> None:
         if self.aborted.is_set():
@@ -642,7 +677,7 @@ class _Run:
         session_uri: str,
         part: _Piece,
         source: _PartSource,
-        pieces: list[bytes],
+        pieces: list[Chunk],
     ) -> UploadResult:
         """Continue a part's journaled session (the engine hashes what it holds); where the
         session is gone, upload the part afresh from its bytes."""

@@ -1,6 +1,6 @@
 """Where the bytes come from: a file, a binary stream (stdin), or an iterable of bytes.
 
-A source hands out ``bytes`` (the type google-crc32c and the socket take without a copy), says
+A source hands out ``bytes`` (or views of a buffer it reuses: ``Chunk``), says
 its size when it knows it, and gets a last word at end of input: ``finish()`` raises if the
 bytes must not become an object (a producer that failed, a size that is wrong).
 """
@@ -25,6 +25,10 @@ from typing import BinaryIO, Protocol, cast
 
 from gcsstream.errors import GcsstreamError, SourceError, UsageError
 
+#: What a source hands out: ``bytes``, or a view of a buffer it reuses once the chunk is done
+#: with (the parallel reader's parts). Both go to the hash and the socket without a copy.
+Chunk = bytes | memoryview
+
 
 class ChunkSource(Protocol):
     """What the chunk window reads from."""
@@ -34,7 +38,7 @@ class ChunkSource(Protocol):
     #: How to name the source in messages ("stdin", a path).
     description: str
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> Chunk:
         """Up to ``n`` bytes; ``b""`` only at end of input. Raises ``SourceError`` on failure."""
         ...
 
@@ -45,7 +49,7 @@ class ChunkSource(Protocol):
     def close(self) -> None: ...
 
 
-def read_full(source: ChunkSource, n: int) -> bytes:
+def read_full(source: ChunkSource, n: int) -> Chunk:
     """Exactly ``n`` bytes from ``source`` unless the input ends first (sources may return short
     reads: a pipe gives what is there)."""
     data = source.read(n)
@@ -56,6 +60,26 @@ def read_full(source: ChunkSource, n: int) -> bytes:
         parts.append(more)
         have += len(more)
     return b"".join(parts)
+
+
+def read_full_into(source: ChunkSource, buffer: memoryview) -> int:
+    """Fill ``buffer`` from ``source`` unless the input ends first; the bytes read.
+
+    A source with ``readinto`` (a stream) writes into the buffer itself, so a reader that reuses
+    its buffers faults in no fresh memory per read; any other source is read and copied."""
+    readinto = getattr(source, "readinto", None)
+    have = 0
+    while have < len(buffer):
+        if readinto is not None:
+            n = readinto(buffer[have:])
+        else:
+            data = source.read(len(buffer) - have)
+            n = len(data)
+            buffer[have : have + n] = data
+        if not n:
+            break
+        have += n
+    return have
 
 
 class StreamSource:
@@ -76,6 +100,20 @@ class StreamSource:
                 # that is not the end of input, so wait for it rather than finalize early.
                 self._wait_readable()
             return data
+        except OSError as exc:
+            raise SourceError(f"reading {self.description} failed: {exc.strerror or exc}") from exc
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Up to ``len(buffer)`` bytes into ``buffer``, as ``read`` would return them."""
+        readinto = getattr(self._stream, "readinto", None)
+        if readinto is None:  # a file-like object of the caller's with read() only
+            data = self.read(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+        try:
+            while (n := readinto(buffer)) is None:
+                self._wait_readable()
+            return n
         except OSError as exc:
             raise SourceError(f"reading {self.description} failed: {exc.strerror or exc}") from exc
 

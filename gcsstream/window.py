@@ -7,8 +7,8 @@ them (``release``), so a 308 whose Range is short of what was sent is answered b
 back and sending again from the window.
 
 To google-resumable-media's ``ResumableUpload`` the window is the file-like stream it reads
-chunks from (``tell``/``read``/``seek``). Chunks come out as the very ``bytes`` objects the
-source produced: only a resend from the middle of a chunk joins pieces (one copy).
+chunks from (``tell``/``read``/``seek``). Chunks come out as the very objects (``bytes`` or views)
+the source produced: only a resend from the middle of a chunk joins pieces (one copy).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import deque
 
 from gcsstream.checksums import Checksums, crc32c_extend, encode_crc32c
 from gcsstream.errors import GcsstreamError, IntegrityError, PrefixMismatch, SourceError
-from gcsstream.sources import ChunkSource, read_full
+from gcsstream.sources import Chunk, ChunkSource, read_full
 
 
 class ChunkWindow:
@@ -38,7 +38,7 @@ class ChunkWindow:
         self._depth = depth
         self._cond = threading.Condition()
         # (offset, data, CRC32C of all bytes before offset), contiguous
-        self._buffers: deque[tuple[int, bytes, int]] = deque()
+        self._buffers: deque[tuple[int, Chunk, int]] = deque()
         self._read_end = 0  # offset just past the last buffered byte
         self._crc_at_read_end = 0
         self._position = 0  # where the next read() starts
@@ -115,7 +115,7 @@ class ChunkWindow:
     def tell(self) -> int:
         return self._position
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> Chunk:
         """``n`` bytes from the current position, fewer only at end of input; waits for the reader."""
         with self._cond:
             start = self._position
@@ -178,7 +178,7 @@ class ChunkWindow:
                 return crc32c_extend(crc_before, memoryview(data)[: offset - start])
         raise IntegrityError(f"offset {offset} is outside the window")
 
-    def _slice(self, start: int, end: int) -> bytes:
+    def _slice(self, start: int, end: int) -> Chunk:
         parts = []
         for offset, data, _ in self._buffers:
             if offset >= end:
