@@ -151,6 +151,62 @@ def _part_buffer(size: int, *, populate: bool) -> mmap.mmap:
     return mmap.mmap(-1, size, flags=flags)
 
 
+class _PartBytes:
+    """One part's bytes as the reader read them: chunk-sized pieces, each in a slot of the run's
+    budget (a pooled buffer, or fresh bytes from a source without ``readinto``).
+
+    A piece goes back to the pool once the service has confirmed it and this attempt sent it
+    (a piece the engine only hashed, resuming past it, stays to the end): the reader reads the
+    next parts into it while this one still uploads. Then the part cannot be sent again from
+    its start (``whole`` is False)."""
+
+    def __init__(self) -> None:
+        self.pieces: list[Chunk] = []
+        self.buffers: list[mmap.mmap | None] = []
+        self.ends: list[int] = []
+        self.size = 0
+        self.kept = 0  # pieces before this index went back
+        self.sent_from: int | None = None
+
+    def add(self, piece: Chunk, buffer: mmap.mmap | None) -> None:
+        self.pieces.append(piece)
+        self.buffers.append(buffer)
+        self.size += len(piece)
+        self.ends.append(self.size)
+
+    @property
+    def whole(self) -> bool:
+        return self.kept == 0
+
+    def sending(self, first: int) -> None:
+        if self.sent_from is None or first < self.sent_from:
+            self.sent_from = first
+
+    def confirmed(self, persisted: int) -> list[mmap.mmap | None]:
+        """The buffers of the pieces that need not be kept any more."""
+        if self.sent_from is None:
+            return []
+        done = self.kept
+        while done < len(self.ends) and self.ends[done] <= persisted:
+            if self.ends[done] - len(self.pieces[done]) < self.sent_from:
+                return self._drop(done)  # hashed only (resumed past it): kept to the end
+            done += 1
+        return self._drop(done)
+
+    def _drop(self, upto: int) -> list[mmap.mmap | None]:
+        gone = self.buffers[self.kept : upto]
+        for i in range(self.kept, upto):
+            self.pieces[i] = b""
+        self.kept = max(self.kept, upto)
+        return gone
+
+    def release_all(self) -> list[mmap.mmap | None]:
+        gone = self.buffers[self.kept :]
+        self.kept = len(self.buffers)
+        self.pieces.clear()
+        return gone
+
+
 class _PartSource:
     """A ``ChunkSource`` over one part's bytes, held as the pieces the reader read: a chunk-sized
     read hands out a piece as it is (no copy)."""
@@ -329,10 +385,16 @@ class _Run:
         self.aborted = threading.Event()
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.in_flight = 0  # parts read and not yet finished: each holds its bytes
-        #: Part buffers no part holds any more: a stream is read into them again, so that the
+        #: The bytes held are counted in chunk-sized slots: ``parallel`` parts' worth at most.
+        self.chunk = min(self.opts.chunk_size, self.part_size)
+        self.slots = self.n * -(-self.part_size // self.chunk)
+        self.slots_out = 0
+        #: Chunk buffers no part holds any more: a stream is read into them again, so that the
         #: run faults in at most ``parallel`` parts of fresh memory, not the whole input.
         self.spare: list[mmap.mmap] = []
+        self.readinto = hasattr(source, "readinto")
+        #: The bytes of the parts being uploaded (their pieces go back as they are confirmed).
+        self.part_bytes: dict[int, _PartBytes] = {}
         self.failure: BaseException | None = None
         self.futures: list[Future[Any]] = []
         self.temporaries: list[_Piece] = []  # created by this run, to delete at the end
@@ -444,7 +506,6 @@ class _Run:
         from a stream that turns out to differ)."""
         parts: list[_Piece] = []
         total = crc = 0
-        chunk = min(self.opts.chunk_size, self.part_size)
         entry = self.resumed
         finished = {p.index: p for p in entry.parts} if entry is not None else {}
         running = {p.index: p.session_uri for p in entry.running} if entry is not None else {}
@@ -452,10 +513,9 @@ class _Run:
         held: list[Callable[[HTTPTransport], None]] = []
         while True:
             index = len(parts)
-            self._wait_for_room()
-            pieces, size, buffer = self._read_part(chunk, full=bool(parts))
+            data = self._read_part(total)
+            size = data.size
             if size == 0 and parts:
-                self._release_room(buffer)
                 break
             expected = self.opts.expected_size
             if expected is not None and total + size > expected:
@@ -463,9 +523,8 @@ class _Run:
             target = self.destination.temporary(self.run_id, f"{index:06d}")
             stored = finished.get(index)
             if stored is not None:
-                self._check_stored(index, total, stored.size, stored.crc32c, pieces, size)
-                del pieces
-                self._release_room(buffer)
+                self._check_stored(index, total, stored.size, stored.crc32c, data.pieces, size)
+                self._give_back(data.buffers)
                 part = _Piece(target, size, stored.crc32c, generation=stored.generation)
                 parts.append(part)
                 with self.lock:
@@ -480,12 +539,12 @@ class _Run:
                 # is verified: hashed once, not also here.
                 part = _Piece(target, size, 0)
                 parts.append(part)
-                job = self._part_job(index, total, part, pieces, buffer, running.get(index))
+                job = self._part_job(index, total, part, data, running.get(index))
                 if index < last_finished:
                     held.append(job)
                 else:
                     self.futures.append(workers.submit(job))
-            pieces = []
+            del data
             total += size
             with self.lock:
                 self.read = total
@@ -525,67 +584,69 @@ class _Run:
                 "input; the upload is left as it was"
             )
 
-    def _release_room(self, buffer: mmap.mmap | None) -> None:
-        """A part's bytes are no longer needed: its buffer can take another part."""
+    def _take_slot(self, populate: bool) -> mmap.mmap | None:
+        """Room for one more chunk (block while ``parallel`` parts' worth is held; raise the
+        first part's failure): a spare buffer or a new one, for a source that reads into it."""
         with self.cond:
-            self.in_flight -= 1
-            if buffer is not None:
-                self.spare.append(buffer)
-            self.cond.notify_all()
-
-    def _wait_for_room(self) -> None:
-        """Block until fewer than ``parallel`` parts are held; raise the first part's failure."""
-        with self.cond:
-            while self.failure is None and self.in_flight >= self.n:
+            while self.failure is None and self.slots_out >= self.slots:
                 self.cond.wait(_POLL)
             if self.failure is not None:
                 raise self.failure
-            self.in_flight += 1
+            self.slots_out += 1
+            buffer = self.spare.pop() if self.spare else None
+        if buffer is None and self.readinto:
+            buffer = _part_buffer(self.chunk, populate=populate)
+        return buffer
 
-    def _read_part(self, chunk: int, *, full: bool) -> tuple[list[Chunk], int, mmap.mmap | None]:
+    def _give_back(self, buffers: list[mmap.mmap | None]) -> None:
+        with self.cond:
+            self._returned(buffers)
+
+    def _returned(self, buffers: list[mmap.mmap | None]) -> None:
+        """(Holding the lock.) Chunks nothing will read again: their slots and buffers are free."""
+        self.slots_out -= len(buffers)
+        self.spare.extend(b for b in buffers if b is not None)
+        self.cond.notify_all()
+
+    def _read_part(self, offset: int) -> _PartBytes:
         """The next part's bytes, as chunk-sized pieces (the engine sends each without a copy),
-        and the buffer holding them, for a source that reads into buffers: a spare one, or new
-        (``full``: the stream has filled a part before, so this one is likely full too)."""
-        pieces: list[Chunk] = []
-        size = 0
-        buffer = None
-        if hasattr(self.source, "readinto"):
-            with self.lock:
-                buffer = self.spare.pop() if self.spare else None
-            if buffer is None:
-                buffer = _part_buffer(self.part_size, populate=full)
-            view = memoryview(buffer)
+        each in a slot of the budget; ``offset``: bytes read before it."""
+        data = _PartBytes()
         try:
-            while size < self.part_size:
-                n = min(chunk, self.part_size - size)
+            while data.size < self.part_size:
+                n = min(self.chunk, self.part_size - data.size)
+                # A new buffer is mapped at once unless the stream may be shorter than a chunk.
+                buffer = self._take_slot(populate=offset + data.size > 0)
                 if buffer is None:
                     piece = read_full(self.source, n)
                 else:
-                    piece = view[size : size + read_full_into(self.source, view[size : size + n])]
+                    view = memoryview(buffer)
+                    piece = view[: read_full_into(self.source, view[:n])]
                 if not piece:
+                    self._give_back([buffer])
                     break
-                pieces.append(piece)
-                size += len(piece)
+                data.add(piece, buffer)
         except GcsstreamError:
             raise
         except Exception as exc:  # a source that raised something unexpected, as the window says
             raise SourceError(f"reading {self.source.description} failed: {exc}") from None
-        return pieces, size, buffer
+        return data
 
     def _part_job(
         self,
         index: int,
         offset: int,
         part: _Piece,
-        pieces: list[Chunk],
-        buffer: mmap.mmap | None,
+        data: _PartBytes,
         session_uri: str | None = None,
     ) -> Callable[[HTTPTransport], None]:
-        source = _PartSource(pieces, f"part {index} of {self.source.description}")
+        source = _PartSource(list(data.pieces), f"part {index} of {self.source.description}")
 
         def job(transport: HTTPTransport) -> None:
+            with self.lock:
+                self.part_bytes[index] = data
             try:
-                self._upload_part(transport, index, offset, part, source, pieces, session_uri)
+                self._upload_part(transport, index, offset, part, source, data, session_uri)
             except BaseException as exc:
                 with self.cond:
                     if self.failure is None and not isinstance(exc, _Aborted):
@@ -596,10 +657,11 @@ class _Run:
                 raise
             finally:
                 # Its bytes are no longer needed, whatever happened: nothing sends them any more
-                # (every send of this part ran on this thread), so its buffer can be reused.
+                # (every send of this part ran on this thread), so its buffers can be reused.
                 source.close()
-                pieces.clear()
-                self._release_room(buffer)
+                with self.cond:
+                    self.part_bytes.pop(index, None)
+                    self._returned(data.release_all())
 
         return job
 
@@ -610,7 +672,7 @@ class _Run:
         offset: int,
         part: _Piece,
         source: _PartSource,
-        pieces: list[Chunk],
+        data: _PartBytes,
         session_uri: str | None,
     ) -> None:
         if self.aborted.is_set():
@@ -645,7 +707,7 @@ class _Run:
                 if session_uri is None:
                     result = uploader.upload(source, part.target, part_metadata, recorder=session)
                 else:
-                    result = self._continue_part(uploader, session, session_uri, part, source, pieces)
+                    result = self._continue_part(uploader, session, session_uri, part, source, data)
             except BaseException as exc:
                 with self.lock:
                     self.uncertain = True  # its final request may have created it unheard
@@ -677,7 +739,7 @@ class _Run:
         session_uri: str,
         part: _Piece,
         source: _PartSource,
-        pieces: list[Chunk],
+        data: _PartBytes,
     ) -> UploadResult:
         """Continue a part's journaled session (the engine hashes what it holds); where the
         session is gone, upload the part afresh from its bytes."""
@@ -695,7 +757,12 @@ class _Run:
                 "resume it with the same input"
             ) from None
         except NotFoundError:
-            fresh = _PartSource(list(pieces), source.description)
+            if not data.whole:
+                raise TransientError(
+                    f"the session of {part.target} ended before the part was stored, and the bytes "
+                    "it had confirmed are no longer held: resume the upload to send the part again"
+                ) from None
+            fresh = _PartSource(list(data.pieces), source.description)
             session.session_uri = None
             return uploader.upload(fresh, part.target, metadata, recorder=session)
 
@@ -790,6 +857,11 @@ class _Run:
         """A part's engine events, as events of the whole upload (the parts' own starts and ends
         become PartStarted/PartFinished)."""
         with self.lock:
+            data = self.part_bytes.get(index)
+            if data is not None and isinstance(event, ChunkSending):
+                data.sending(event.first)
+            if data is not None and isinstance(event, ChunkPersisted):
+                self._returned(data.confirmed(event.persisted))
             if isinstance(event, ChunkPersisted):
                 self.confirmed[index] = event.persisted
                 self._emit(ChunkPersisted(sum(self.confirmed.values()), self.read, self.expected))

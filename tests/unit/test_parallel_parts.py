@@ -18,6 +18,7 @@ from gcsstream.options import (
     UploadOptions,
     check_part_size,
 )
+from gcsstream.parallel import _PartBytes
 from gcsstream.session import compose_url, list_url
 
 
@@ -104,3 +105,31 @@ def test_progress_shows_the_parts_in_flight():
     state.record(ChunkPersisted(3 << 19, 3 << 20, None))
     assert state.parts() == ", parts: 2 in flight, 1 stored"
     assert state.snapshot()[0] == 3 << 19
+
+
+def _part_of(*sizes: int) -> _PartBytes:
+    data = _PartBytes()
+    for i, size in enumerate(sizes):
+        data.add(bytes([i]) * size, f"buffer{i}")  # type: ignore[arg-type]
+    return data
+
+
+def test_a_part_gives_back_the_pieces_the_service_confirmed_of_what_it_sent():
+    data = _part_of(16, 16, 16, 5)
+    assert data.confirmed(16) == []  # nothing sent yet: a Range alone frees nothing
+    data.sending(0)
+    assert data.confirmed(8) == []  # inside the first piece: it may be sent again from byte 8
+    assert data.whole
+    assert data.confirmed(20) == ["buffer0"]
+    assert not data.whole  # the part can no longer be sent again from its start
+    assert data.confirmed(20) == [] and data.confirmed(48) == ["buffer1", "buffer2"]
+    assert data.release_all() == ["buffer3"] and data.release_all() == []
+
+
+def test_a_resumed_part_keeps_the_pieces_it_only_hashed():
+    # Its session held 20 bytes: the engine hashes the first 20 and sends from there. A piece
+    # below that was never sent by this attempt, so it is kept (it may be being hashed still).
+    data = _part_of(16, 16, 16)
+    data.sending(20)
+    assert data.confirmed(48) == [] and data.whole
+    assert data.release_all() == ["buffer0", "buffer1", "buffer2"]
