@@ -762,9 +762,46 @@ class _Run:
                     f"the session of {part.target} ended before the part was stored, and the bytes "
                     "it had confirmed are no longer held: resume the upload to send the part again"
                 ) from None
-            fresh = _PartSource(list(data.pieces), source.description)
             session.session_uri = None
-            return uploader.upload(fresh, part.target, metadata, recorder=session)
+            fresh = _PartSource(list(data.pieces), source.description)
+            try:
+                return uploader.upload(fresh, part.target, metadata, recorder=session)
+            except PreconditionError:
+                adopted = self._adopt_part(uploader.transport, part, data)
+                if adopted is not None:
+                    return adopted
+                fresh = _PartSource(list(data.pieces), source.description)
+                return uploader.upload(fresh, part.target, metadata, recorder=session)
+
+    def _adopt_part(self, transport: HTTPTransport, part: _Piece, data: _PartBytes) -> UploadResult | None:
+        """A part whose session has expired exists already: the killed run's last request created
+        it, unheard by the journal. It is this part if it holds these bytes; other bytes there
+        mean another input (``PrefixMismatch``); None: it is gone again."""
+        found = self._existing(transport, part.target)
+        generation = resource_int(found, "generation") if found is not None else None
+        if found is None or generation is None:
+            return None
+        crc = 0
+        for piece in data.pieces:
+            crc = crc32c_extend(crc, piece)
+        if not self._holds(found, _Piece(part.target, part.size, crc)):
+            raise PrefixMismatch(
+                f"the input differs from what upload {self.run_id} stored as {part.target} "
+                f"({found.get('size')} bytes with crc32c {found.get('crc32c')}; the input has "
+                f"{part.size} bytes with crc32c {encode_crc32c(crc)} there): resume it with the same "
+                "input; the upload is left as it was"
+            )
+        return UploadResult(
+            bucket=part.target.bucket,
+            name=part.target.name,
+            generation=generation,
+            size=part.size,
+            crc32c=str(found["crc32c"]),
+            md5=None,
+            seconds=0.0,
+            verified=("crc32c",),
+            resource=found,
+        )
 
     def _part_metadata(self) -> ObjectMetadata:
         # Every part has the destination's storage class (compose needs the sources' to be one)

@@ -82,7 +82,7 @@ def part_bytes_sent(server, name: str, after: int, until: int | None = None) -> 
 
 def wait_for_stored_parts(server, n: int, after: int) -> None:
     """Until at least ``n`` parts are journaled as stored: a worker journals its part before it
-    takes another, and the reader starts part ``CONNECTIONS + n - 1`` only once ``n`` are done."""
+    takes another, so part ``CONNECTIONS + n - 1`` starts only once ``n`` are done."""
     wait_nth_request(server, "initiate", CONNECTIONS + n, after)
 
 
@@ -222,6 +222,53 @@ def test_abort_deletes_the_parts_and_forgets_the_upload(server, env, tmp_path):
     # journaled, holds no object and expires).
     journaled = [s for s in server.sessions() if any(s.upload_id in uri for uri in running)]
     assert len(journaled) == len(running) and all(s.cancelled or s.finalized for s in journaled)
+
+
+def _as_if_stored_unheard(env, upload: str) -> tuple[int, str]:
+    """As if the killed run's last request of a stored part had created it unheard and its
+    session had since expired (a week later): the journal has the part as running, on a
+    session the service no longer knows. Returns the part's index and temporary object."""
+    path = Path(env["GCSSTREAM_STATE_DIR"]) / f"{upload}.json"
+    entry = json.loads(path.read_text())
+    par = entry["parallel"]
+    index = max(p[0] for p in par["parts"])
+    par["parts"] = [p for p in par["parts"] if p[0] != index]
+    gone = f"{entry['endpoint']}/upload/storage/v1/b/{BUCKET}/o?uploadType=resumable&upload_id=expired"
+    par["running"] = sorted([*par["running"], [index, gone]])
+    path.write_text(json.dumps(entry))
+    name = f"{entry['destination'].removeprefix(f'gs://{BUCKET}/')}.gcsstream-parts/{upload}/{index:06d}"
+    return index, name
+
+
+def test_a_part_whose_session_expired_after_it_was_stored_is_taken_as_it_is(server, env, tmp_path):
+    src, data, upload = _killed_with_parts(server, env, tmp_path, "expired")
+    index, name = _as_if_stored_unheard(env, upload)
+    assert name in server.list_objects(BUCKET)
+    start = last_seq(server)
+    code, _, err = finish(gcs(f"resume {upload} -", env, src))
+    assert code == 0, err
+    refused = [r for r in server.requests if r.seq > start and r.name == name and r.status == 412]
+    assert refused, "the part was not found existing"  # a fresh session for it: 412, then adopted
+    assert not [r for r in server.requests if r.seq > start and r.name == name and r.kind == "final"]
+    assert_stored(server, BUCKET, "expired", data)
+    assert server.list_objects(BUCKET) == ["expired"] and journals(env) == []
+
+
+def test_an_existing_part_with_other_bytes_is_refused_as_another_input(server, env, tmp_path):
+    src, data, upload = _killed_with_parts(server, env, tmp_path, "other")
+    index, name = _as_if_stored_unheard(env, upload)
+    changed = tmp_path / "changed.bin"
+    flipped = bytearray(data)
+    flipped[index * PART + 7] ^= 1
+    changed.write_bytes(bytes(flipped))
+    code, _, err = finish(gcs(f"resume {upload} -", env, changed))
+    assert code == 3, err
+    assert f"the input differs from what upload {upload} stored as gs://{BUCKET}/{name}" in err
+    assert name in server.list_objects(BUCKET)  # left as it was, for a resume with the same input
+    code, _, err = finish(gcs(f"resume {upload} -", env, src))
+    assert code == 0, err
+    assert_stored(server, BUCKET, "other", data)
+    assert server.list_objects(BUCKET) == ["other"] and journals(env) == []
 
 
 @pytest.mark.parametrize(

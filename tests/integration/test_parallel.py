@@ -123,6 +123,30 @@ def test_reader_holds_at_most_n_parts(server):
     assert box["result"].size == total and server.list_objects(BUCKET) == ["bounded"]
 
 
+def test_the_reader_reads_the_next_part_into_chunks_already_confirmed(server):
+    """While the connections wait for their parts' last answers, the reader has the confirmed
+    chunks back and reads the next part into them: it is ready when a connection frees."""
+    n, chunks = 2, 4
+    part = chunks * QUANTUM
+    data = os.urandom(3 * part)
+    events: list = []
+    finished_when_read: list[int] = []
+
+    class Watched(io.BytesIO):
+        def readinto(self, buffer) -> int:  # type: ignore[override]
+            if self.tell() >= n * part and not finished_when_read:
+                finished_when_read.append(sum(isinstance(e, PartFinished) for e in events))
+            return super().readinto(buffer)
+
+    # Both parts' final requests stall: no part can finish before the reader reads part 2.
+    server.faults.add(Fault("stall", on="final", times=n, seconds=1.5))
+    result = put(server, b"", "ahead", n=n, part=part, events=events, source=StreamSource(Watched(data)))
+    assert finished_when_read == [0], "the reader waited for a part to finish before reading on"
+    assert result.size == len(data)
+    assert_stored(server, BUCKET, "ahead", data)
+    assert server.list_objects(BUCKET) == ["ahead"]
+
+
 def test_metadata_content_type_class_and_kms_key_are_those_asked_for(server):
     data = os.urandom(5 * PART)
     metadata = ObjectMetadata(
