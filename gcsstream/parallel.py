@@ -204,6 +204,7 @@ class _PartBytes:
         gone = self.buffers[self.kept :]
         self.kept = len(self.buffers)
         self.pieces.clear()
+        self.buffers = [None] * self.kept  # a failure's traceback may hold this: not the maps
         return gone
 
 
@@ -415,6 +416,18 @@ class _Run:
     # -- the whole run --------------------------------------------------------------------------
 
     def run(self) -> UploadResult:
+        try:
+            return self._run()
+        finally:
+            # A failure's traceback holds this run (its frames hold the bodies being sent): the
+            # cycles through it are broken so that the buffers go now, not at the next garbage
+            # collection (a worker still running past the grace keeps its own).
+            with self.lock:
+                self.spare.clear()
+                self.failure = None
+                self.futures = []
+
+    def _run(self) -> UploadResult:
         started = self.o._clock()
         workers: _Workers | None = None
         try:
@@ -612,24 +625,25 @@ class _Run:
         """The next part's bytes, as chunk-sized pieces (the engine sends each without a copy),
         each in a slot of the budget; ``offset``: bytes read before it."""
         data = _PartBytes()
-        try:
-            while data.size < self.part_size:
-                n = min(self.chunk, self.part_size - data.size)
-                # A new buffer is mapped at once unless the stream may be shorter than a chunk.
-                buffer = self._take_slot(populate=offset + data.size > 0)
+        while data.size < self.part_size:
+            n = min(self.chunk, self.part_size - data.size)
+            # A new buffer is mapped at once unless the stream may be shorter than a chunk; a
+            # part's failure met here is raised as it is (it is not the source's).
+            buffer = self._take_slot(populate=offset + data.size > 0)
+            try:
                 if buffer is None:
                     piece = read_full(self.source, n)
                 else:
                     view = memoryview(buffer)
                     piece = view[: read_full_into(self.source, view[:n])]
-                if not piece:
-                    self._give_back([buffer])
-                    break
-                data.add(piece, buffer)
-        except GcsstreamError:
-            raise
-        except Exception as exc:  # a source that raised something unexpected, as the window says
-            raise SourceError(f"reading {self.source.description} failed: {exc}") from None
+            except GcsstreamError:
+                raise
+            except Exception as exc:  # a source that raised something unexpected, as the window says
+                raise SourceError(f"reading {self.source.description} failed: {exc}") from None
+            if not piece:
+                self._give_back([buffer])
+                break
+            data.add(piece, buffer)
         return data
 
     def _part_job(
@@ -744,46 +758,55 @@ class _Run:
         """Continue a part's journaled session (the engine hashes what it holds); where the
         session is gone, upload the part afresh from its bytes."""
         metadata = self._part_metadata()
-        try:
-            return uploader.upload(
-                source, part.target, metadata, recorder=session, resume=Resume(session_uri)
-            )
-        except PrefixMismatch:
-            raise
-        except IntegrityError as exc:
-            # What its session held is not what the input holds there: a different stream.
-            raise PrefixMismatch(
-                f"the input differs from what upload {self.run_id} sent of {part.target}: {exc}; "
-                "resume it with the same input"
-            ) from None
-        except NotFoundError:
-            if not data.whole:
-                raise TransientError(
-                    f"the session of {part.target} ended before the part was stored, and the bytes "
-                    "it had confirmed are no longer held: resume the upload to send the part again"
-                ) from None
-            session.session_uri = None
-            fresh = _PartSource(list(data.pieces), source.description)
-            try:
-                return uploader.upload(fresh, part.target, metadata, recorder=session)
-            except PreconditionError:
-                adopted = self._adopt_part(uploader.transport, part, data)
-                if adopted is not None:
-                    return adopted
-                fresh = _PartSource(list(data.pieces), source.description)
-                return uploader.upload(fresh, part.target, metadata, recorder=session)
-
-    def _adopt_part(self, transport: HTTPTransport, part: _Piece, data: _PartBytes) -> UploadResult | None:
-        """A part whose session has expired exists already: the killed run's last request created
-        it, unheard by the journal. It is this part if it holds these bytes; other bytes there
-        mean another input (``PrefixMismatch``); None: it is gone again."""
-        found = self._existing(transport, part.target)
-        generation = resource_int(found, "generation") if found is not None else None
-        if found is None or generation is None:
-            return None
+        # What the part holds, while every piece is here (the engine gives sent ones back): a part
+        # found existing is taken only if it holds these bytes.
         crc = 0
         for piece in data.pieces:
             crc = crc32c_extend(crc, piece)
+        try:
+            try:
+                return uploader.upload(
+                    source, part.target, metadata, recorder=session, resume=Resume(session_uri)
+                )
+            except PrefixMismatch:
+                raise
+            except IntegrityError as exc:
+                # What its session held is not what the input holds there: a different stream.
+                raise PrefixMismatch(
+                    f"the input differs from what upload {self.run_id} sent of {part.target}: {exc}; "
+                    "resume it with the same input"
+                ) from None
+            except NotFoundError:
+                pass
+            return self._upload_part_again(uploader, session, part, source, data)
+        except PreconditionError:
+            # Its temporary object exists: the killed run's last request created it unheard.
+            adopted = self._adopt_part(uploader.transport, part, crc)
+            if adopted is not None:
+                return adopted
+            return self._upload_part_again(uploader, session, part, source, data)
+
+    def _upload_part_again(
+        self, uploader: Uploader, session: _PartSession, part: _Piece, source: _PartSource, data: _PartBytes
+    ) -> UploadResult:
+        """The part afresh, on a new session, if its bytes are all still held."""
+        if not data.whole:
+            raise TransientError(
+                f"the session of {part.target} ended before the part was stored, and the bytes "
+                "it had confirmed are no longer held: resume the upload to send the part again"
+            ) from None
+        session.session_uri = None
+        fresh = _PartSource(list(data.pieces), source.description)
+        return uploader.upload(fresh, part.target, self._part_metadata(), recorder=session)
+
+    def _adopt_part(self, transport: HTTPTransport, part: _Piece, crc: int) -> UploadResult | None:
+        """A part found existing where its session is gone: it is this part if it holds these
+        bytes (CRC32C ``crc``); other bytes there mean another input (``PrefixMismatch``);
+        None: it is gone again."""
+        found = self._retrying(lambda _: self._existing(transport, part.target), f"reading {part.target}")
+        generation = resource_int(found, "generation") if found is not None else None
+        if found is None or generation is None:
+            return None
         if not self._holds(found, _Piece(part.target, part.size, crc)):
             raise PrefixMismatch(
                 f"the input differs from what upload {self.run_id} stored as {part.target} "

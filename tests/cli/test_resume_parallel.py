@@ -254,6 +254,38 @@ def test_a_part_whose_session_expired_after_it_was_stored_is_taken_as_it_is(serv
     assert server.list_objects(BUCKET) == ["expired"] and journals(env) == []
 
 
+def test_a_failed_look_at_an_existing_part_is_retried(server, env, tmp_path):
+    """A 503 reading the part found existing is retried like any request, not taken for the
+    input's failure (which deleted every part and forgot the upload)."""
+    src, data, upload = _killed_with_parts(server, env, tmp_path, "looked")
+    _, name = _as_if_stored_unheard(env, upload)
+    server.faults.add(Fault("status", on="object", name=name, status=503))
+    code, _, err = finish(gcs(f"resume {upload} - --retry-initial-delay 0.05", env, src))
+    assert code == 0, err
+    assert [r.status for r in server.requests if r.kind == "object" and r.name == name][:2] == [503, 200]
+    assert_stored(server, BUCKET, "looked", data)
+    assert server.list_objects(BUCKET) == ["looked"] and journals(env) == []
+
+
+def test_a_part_stored_by_another_session_at_its_last_request_is_taken_as_it_is(server, env, tmp_path):
+    """The part's fresh session meets the part at its final request (412), after its first
+    chunk went back to the reader: the part is still recognised by all of its bytes."""
+    src, data, upload = _killed_with_parts(server, env, tmp_path, "late")
+    index, name = _as_if_stored_unheard(env, upload)
+    assert server.delete_object(BUCKET, name)
+    server.faults.add(Fault("stall", on="final", name=name, seconds=2.0))
+    start = last_seq(server)
+    proc = gcs(f"resume {upload} -", env, src)
+    server.wait_for_request(lambda r: r.seq > start and r.kind == "final" and r.name == name, 120)
+    server.put_object(BUCKET, name, data[index * PART : (index + 1) * PART])  # while it is held up
+    code, _, err = finish(proc)
+    assert code == 0, err
+    finals = [r.status for r in server.requests if r.seq > start and r.kind == "final" and r.name == name]
+    assert finals == [412]
+    assert_stored(server, BUCKET, "late", data)
+    assert server.list_objects(BUCKET) == ["late"] and journals(env) == []
+
+
 def test_an_existing_part_with_other_bytes_is_refused_as_another_input(server, env, tmp_path):
     src, data, upload = _killed_with_parts(server, env, tmp_path, "other")
     index, name = _as_if_stored_unheard(env, upload)
