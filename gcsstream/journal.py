@@ -43,10 +43,12 @@ SESSION_LIFETIME = 7 * 24 * 3600
 #: 100,000 parts). Anything larger is not one of ours.
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
 #: The newest entry format this gcsstream reads and writes. 1: no ``schema`` field; 2: the field;
-#: 3: parallel uploads (a ``parallel`` record of parts). An entry is written in the oldest schema
-#: that holds it, so an older gcsstream still reads single uploads' entries. An entry of a newer
-#: schema is skipped, never rewritten or removed.
-SCHEMA = 3
+#: 3: parallel uploads (a ``parallel`` record of parts); 4: a running part with the bytes its session
+#: confirmed. An entry is written in the oldest schema that holds it, so an older gcsstream still
+#: reads single uploads' entries. An entry of a newer schema is skipped, never rewritten or removed.
+SCHEMA = 4
+#: The schema of a parallel upload's entry whose running parts have confirmed nothing.
+_PARTS_SCHEMA = 3
 #: The schema of an entry without parts.
 _SINGLE_SCHEMA = 2
 _ID_RE = re.compile(r"^[0-9a-f]{1,32}$")
@@ -114,6 +116,10 @@ class RunningPart:
     index: int
     #: Its session: a credential, like a single upload's ``session_uri``.
     session_uri: str
+    #: The bytes its session had confirmed (at most a chunk behind), and their CRC32C: a resume
+    #: checks the re-read stream against them before it sends anything.
+    confirmed: int = 0
+    crc32c: int = 0
 
 
 def _non_negative_int(value: Any) -> bool:
@@ -132,7 +138,7 @@ def _on_endpoint(url: Any, endpoint: str) -> bool:
     return _is_http_url(url) and origin(url) == origin(endpoint)
 
 
-def _parallel_from_json(data: dict[str, Any]) -> dict[str, Any]:
+def _parallel_from_json(data: dict[str, Any], schema: int) -> dict[str, Any]:
     """The fields of a parallel upload's ``parallel`` record, validated: every part but the
     stream's last is ``part_size`` long, sessions are on the endpoint, no part is both finished
     and running, and no more parts run than there are connections."""
@@ -147,13 +153,13 @@ def _parallel_from_json(data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"'connections' is not between 2 and {MAX_PARALLEL}")
     finished: list[FinishedPart] = []
     running: list[RunningPart] = []
-    for key, width in (("parts", 4), ("running", 2)):
+    for key, widths in (("parts", (4,)), ("running", (2, 4) if schema >= 4 else (2,))):
         listed = record[key]
         if not isinstance(listed, list):
             raise ValueError(f"{key!r} is not a list")
         previous = -1
         for item in listed:
-            if not isinstance(item, list) or len(item) != width:
+            if not isinstance(item, list) or len(item) not in widths:
                 raise ValueError(f"{key!r} holds something that is not a part")
             if not _non_negative_int(item[0]) or item[0] <= previous:
                 raise ValueError(f"{key!r} are not in order")
@@ -167,7 +173,12 @@ def _parallel_from_json(data: dict[str, Any]) -> dict[str, Any]:
             else:
                 if not _on_endpoint(item[1], data["endpoint"]):
                     raise ValueError("a running part's session URI is not on its endpoint")
-                running.append(RunningPart(*item))
+                confirmed, crc = item[2:] or (0, 0)
+                if not (_non_negative_int(confirmed) and _non_negative_int(crc) and crc < 1 << 32):
+                    raise ValueError("a running part's confirmed bytes or crc32c are not valid")
+                if confirmed % CHUNK_QUANTUM or confirmed >= part_size or (crc and not confirmed):
+                    raise ValueError("a running part's confirmed bytes are out of range")
+                running.append(RunningPart(item[0], item[1], confirmed, crc))
     done = {p.index for p in finished}
     if done & {p.index for p in running}:
         raise ValueError("a part is both finished and running")
@@ -238,11 +249,16 @@ class JournalEntry:
         if not self.is_parallel:
             data["schema"] = _SINGLE_SCHEMA
             return data
+        confirmed = any(p.confirmed for p in self.running)
+        data["schema"] = SCHEMA if confirmed else _PARTS_SCHEMA
         data["parallel"] = {
             "part_size": self.part_size,
             "connections": self.connections,
             "parts": [[p.index, p.size, p.crc32c, p.generation] for p in self.parts],
-            "running": [[p.index, p.session_uri] for p in self.running],
+            "running": [
+                [p.index, p.session_uri, *((p.confirmed, p.crc32c) if p.confirmed else ())]
+                for p in self.running
+            ],
             **({"composed": self.composed} if self.composed else {}),
         }
         return data
@@ -350,7 +366,7 @@ class JournalEntry:
             and isinstance(source.get("mtime_ns"), int)
         ):
             raise ValueError("'source' is not a file's path, size and mtime")
-        fields = _parallel_from_json(data) if parallel else {}
+        fields = _parallel_from_json(data, schema) if parallel else {}
         entry = cls(**data, **fields, schema=SCHEMA)
         if parallel:
             try:
@@ -768,7 +784,8 @@ class PartsRecorder:
     by ``jobs.claim_entry``. A part's session is journaled before its first byte is sent
     (``part_started``, called from the part's worker), and a verified part before its worker
     takes another (``part_finished``): each write is waited for (bounded), so what the journal
-    says is stored is stored. Calls from the workers are serialized.
+    says is stored is stored. What a running part's session confirmed is written behind it
+    (``part_persisted``). Calls from the workers are serialized.
     """
 
     def __init__(self, journal: Journal, entry: JournalEntry | None = None, **fields: Any) -> None:
@@ -811,6 +828,8 @@ class PartsRecorder:
         entry may be another process's by then), and starts no session."""
         with self._lock:
             self.closed = True
+        with contextlib.suppress(UsageError):  # a write behind a part lands before the entry is let go
+            self._writer.wait()
 
     def part_started(self, index: int, session_uri: str) -> None:
         with self._lock:
@@ -822,6 +841,22 @@ class PartsRecorder:
             running = [p for p in entry.running if p.index != index] + [RunningPart(index, session_uri)]
             entry.running = sorted(running, key=lambda p: p.index)
             self._write()
+
+    def part_persisted(self, index: int, confirmed: int, crc32c: int) -> None:
+        """A running part's session confirmed its first ``confirmed`` bytes. Written behind the
+        sender (waiting only for the write before it), so the journal lags by about a chunk."""
+        with self._lock:
+            entry = self.entry
+            if self.closed or entry is None:
+                return
+            if not any(p.index == index for p in entry.running):
+                return
+            entry.running = [
+                RunningPart(p.index, p.session_uri, confirmed, crc32c) if p.index == index else p
+                for p in entry.running
+            ]
+            self._writer.wait()
+            self._writer.submit(replace(entry, parts=list(entry.parts), running=list(entry.running)))
 
     def part_finished(self, index: int, size: int, crc32c: int, generation: int) -> None:
         with self._lock:

@@ -109,7 +109,7 @@ from gcsstream.sources import Chunk, ChunkSource, read_full, read_full_into
 from gcsstream.transport import HTTPTransport
 
 if TYPE_CHECKING:
-    from gcsstream.journal import JournalEntry, PartsRecorder
+    from gcsstream.journal import JournalEntry, PartsRecorder, RunningPart
 
 T = TypeVar("T")
 
@@ -238,11 +238,16 @@ class _PartSession:
     first byte (with a ``PartsRecorder``), and stops it between chunks once the run is aborted."""
 
     def __init__(
-        self, aborted: threading.Event, index: int = 0, recorder: PartsRecorder | None = None
+        self,
+        aborted: threading.Event,
+        index: int = 0,
+        recorder: PartsRecorder | None = None,
+        size: int = 0,
     ) -> None:
         self._aborted = aborted
         self._index = index
         self._recorder = recorder
+        self._size = size
         self.session_uri: str | None = None
 
     def started(self, session_uri: str) -> None:
@@ -255,6 +260,8 @@ class _PartSession:
     def persisted(self, offset: int, crc32c: int) -> None:
         if self._aborted.is_set():
             raise _Aborted()
+        if self._recorder is not None and offset < self._size:  # the whole part: it is finished
+            self._recorder.part_persisted(self._index, offset, crc32c)
 
     def finished(self) -> None:
         pass
@@ -521,8 +528,10 @@ class _Run:
         total = crc = 0
         entry = self.resumed
         finished = {p.index: p for p in entry.parts} if entry is not None else {}
-        running = {p.index: p.session_uri for p in entry.running} if entry is not None else {}
-        last_finished = max(finished, default=-1)
+        running = {p.index: p for p in entry.running} if entry is not None else {}
+        # Up to here the input is checked against the journal before anything is sent: the
+        # stored parts, and what the running parts' sessions confirmed.
+        horizon = _check_horizon(entry) if entry is not None else -1
         held: list[Callable[[HTTPTransport], None]] = []
         while True:
             index = len(parts)
@@ -543,27 +552,30 @@ class _Run:
                 with self.lock:
                     self.temporaries.append(part)
                     self.confirmed[index] = size
-                if index == last_finished:  # every stored part is checked: send the held ones
-                    for job in held:
-                        self.futures.append(workers.submit(job))
-                    held.clear()
             else:
+                session = running.get(index)
+                if session is not None and session.confirmed:
+                    self._check_confirmed(index, total, session, data.pieces)
                 # Its CRC32C is the engine's, of these very bytes as it sent them, once its upload
                 # is verified: hashed once, not also here.
                 part = _Piece(target, size, 0)
                 parts.append(part)
-                job = self._part_job(index, total, part, data, running.get(index))
-                if index < last_finished:
+                job = self._part_job(index, total, part, data, session)
+                if index < horizon:
                     held.append(job)
                 else:
                     self.futures.append(workers.submit(job))
+            if index == horizon:  # the input is what the journal says: send the held parts
+                for job in held:
+                    self.futures.append(workers.submit(job))
+                held.clear()
             del data
             total += size
             with self.lock:
                 self.read = total
             if size < self.part_size:
                 break
-        if last_finished >= len(parts):
+        if horizon >= len(parts):
             assert entry is not None
             raise PrefixMismatch(
                 f"the input ended after {total} bytes, but upload {entry.id} has stored "
@@ -595,6 +607,24 @@ class _Run:
                 f"({size} bytes at offset {offset}, crc32c {encode_crc32c(crc32c)}) is "
                 f"{read} bytes with crc32c {encode_crc32c(found)} in it; resume it with the same "
                 "input; the upload is left as it was"
+            )
+
+    def _check_confirmed(self, index: int, offset: int, session: RunningPart, pieces: list[Chunk]) -> None:
+        """What a running part's session confirmed must be what the input holds there."""
+        found, left = 0, session.confirmed
+        for piece in pieces:
+            if left <= 0:
+                break
+            found = crc32c_extend(found, piece[:left])
+            left -= len(piece)
+        if left > 0 or found != session.crc32c:
+            assert self.resumed is not None
+            raise PrefixMismatch(
+                f"the input differs from what upload {self.resumed.id} sent: the session of part "
+                f"{index} confirmed {session.confirmed} bytes at offset {offset} with crc32c "
+                f"{encode_crc32c(session.crc32c)}, and the input has "
+                f"{session.confirmed - max(left, 0)} bytes with crc32c {encode_crc32c(found)} "
+                "there; resume it with the same input; the upload is left as it was"
             )
 
     def _take_slot(self, populate: bool) -> mmap.mmap | None:
@@ -652,7 +682,7 @@ class _Run:
         offset: int,
         part: _Piece,
         data: _PartBytes,
-        session_uri: str | None = None,
+        running: RunningPart | None = None,
     ) -> Callable[[HTTPTransport], None]:
         source = _PartSource(list(data.pieces), f"part {index} of {self.source.description}")
 
@@ -660,7 +690,7 @@ class _Run:
             with self.lock:
                 self.part_bytes[index] = data
             try:
-                self._upload_part(transport, index, offset, part, source, data, session_uri)
+                self._upload_part(transport, index, offset, part, source, data, running)
             except BaseException as exc:
                 with self.cond:
                     if self.failure is None and not isinstance(exc, _Aborted):
@@ -687,7 +717,7 @@ class _Run:
         part: _Piece,
         source: _PartSource,
         data: _PartBytes,
-        session_uri: str | None,
+        running: RunningPart | None,
     ) -> None:
         if self.aborted.is_set():
             raise _Aborted()
@@ -703,7 +733,7 @@ class _Run:
             io_timeout=opts.io_timeout,
             expected_size=part.size,
         )
-        session = _PartSession(self.aborted, index, self.recorder)
+        session = _PartSession(self.aborted, index, self.recorder, part.size)
         uploader = Uploader(
             transport,
             options,
@@ -718,10 +748,10 @@ class _Run:
         ok = False
         try:
             try:
-                if session_uri is None:
+                if running is None:
                     result = uploader.upload(source, part.target, part_metadata, recorder=session)
                 else:
-                    result = self._continue_part(uploader, session, session_uri, part, source, data)
+                    result = self._continue_part(uploader, session, running, part, source, data)
             except BaseException as exc:
                 with self.lock:
                     self.uncertain = True  # its final request may have created it unheard
@@ -750,13 +780,13 @@ class _Run:
         self,
         uploader: Uploader,
         session: _PartSession,
-        session_uri: str,
+        running: RunningPart,
         part: _Piece,
         source: _PartSource,
         data: _PartBytes,
     ) -> UploadResult:
-        """Continue a part's journaled session (the engine hashes what it holds); where the
-        session is gone, upload the part afresh from its bytes."""
+        """Continue a part's journaled session (the engine hashes what it holds, and checks what
+        the journal says it confirmed); where the session is gone, upload the part afresh."""
         metadata = self._part_metadata()
         # What the part holds, while every piece is here (the engine gives sent ones back): a part
         # found existing is taken only if it holds these bytes.
@@ -765,9 +795,9 @@ class _Run:
             crc = crc32c_extend(crc, piece)
         try:
             try:
-                return uploader.upload(
-                    source, part.target, metadata, recorder=session, resume=Resume(session_uri)
-                )
+                verify = (running.confirmed, running.crc32c) if running.confirmed else None
+                resume = Resume(running.session_uri, verify=verify)
+                return uploader.upload(source, part.target, metadata, recorder=session, resume=resume)
             except PrefixMismatch:
                 raise
             except IntegrityError as exc:
@@ -864,11 +894,12 @@ class _Run:
                 f"connections; it continues only with those"
             )
         done = {p.index for p in entry.parts}
-        missing = max(done, default=-1) + 1 - len(done)
+        horizon = _check_horizon(entry)
+        missing = sum(1 for i in range(horizon) if i not in done)  # held until the horizon's check
         if missing > self.n - 1:
             raise UsageError(
                 f"upload {entry.id} cannot be continued: {missing} of its parts before its last stored "
-                f"one are missing; `gcsstream abort {entry.id}` deletes its parts"
+                f"(or confirmed) one are not stored; `gcsstream abort {entry.id}` deletes its parts"
             )
 
     def _delete_strays(self, parts: list[_Piece]) -> None:
@@ -1390,6 +1421,13 @@ class _Run:
     def _emit(self, event: Any) -> None:
         if self.o._on_event is not None:
             self.o._on_event(event)
+
+
+def _check_horizon(entry: JournalEntry) -> int:
+    """The last part a resume checks against the journal before it sends anything: the last one
+    stored, or running with bytes its session confirmed (-1: none)."""
+    checked = [p.index for p in entry.parts] + [p.index for p in entry.running if p.confirmed]
+    return max(checked, default=-1)
 
 
 def discard_parts(entry: JournalEntry, uploader: Uploader) -> bool:

@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from gcsstream.options import parse_size
 from tests.cli.test_resume import (  # noqa: F401 - reap_processes and server are fixtures
     BUCKET,
     STALL,
+    DirWatch,
     env,
     finish,
     gcs,
@@ -201,6 +203,79 @@ def test_a_changed_stream_is_refused_before_anything_is_sent(server, env, tmp_pa
     assert server.list_objects(BUCKET) == ["changed"] and journals(env) == []
 
 
+def wait_for_journal(env, upload: str, done, timeout: float = 60) -> dict:
+    """Until the upload's journal satisfies ``done`` (each write replaces the file: an event)."""
+    with DirWatch(Path(env["GCSSTREAM_STATE_DIR"]), DirWatch.IN_MOVED_TO) as watch:
+        deadline = time.monotonic() + timeout
+        while not done(entry := journal_file(env, upload)):
+            left = deadline - time.monotonic()
+            assert left > 0, f"the journal never got there: {entry}"
+            watch.wait(left)
+    return entry
+
+
+def test_a_stream_changed_inside_a_running_part_is_refused_before_anything_is_sent(
+    server, env, tmp_path, stalls
+):
+    """The journal has what each running part's session confirmed: a resume checks the input
+    against it before it sends a byte, and leaves the sessions as they were."""
+    src = tmp_path / "src.bin"
+    data = make_input(src, random.Random("running"), 12, PART)
+    server.faults.add(Fault("stall", on="final", times=CONNECTIONS, seconds=STALL))
+    start = last_seq(server)
+    proc = gcs(f"put {options()} - gs://{BUCKET}/running", env, src)
+    wait_nth_request(server, "final", CONNECTIONS, start)  # every part has its first chunk stored
+    (upload,) = journals(env)
+    entry = wait_for_journal(
+        env, upload, lambda e: len([p for p in e["parallel"]["running"] if len(p) == 4]) == CONNECTIONS
+    )
+    kill(proc)
+    assert entry["schema"] == 4 and entry["parallel"]["parts"] == []
+    assert all(p[2] == CHUNK for p in entry["parallel"]["running"])
+    before = journal_file(env, upload)
+
+    changed = tmp_path / "changed.bin"
+    flipped = bytearray(data)
+    flipped[2 * PART + 1000] ^= 1  # in part 2's first chunk, which its session holds
+    changed.write_bytes(bytes(flipped))
+    start = last_seq(server)
+    code, _, err = finish(gcs(f"resume {upload} -", env, changed))
+    assert code == 3, err
+    assert f"the input differs from what upload {upload} sent: the session of part 2 confirmed" in err
+    assert "the upload is left as it was" in err
+    kinds = {r.kind for r in server.requests if r.seq > start}
+    assert kinds <= {"bucket"}, kinds  # not one part was sent, no session asked or cancelled
+    assert journal_file(env, upload) == before and server.list_objects(BUCKET) == []
+
+    start = last_seq(server)
+    code, _, err = finish(gcs(f"resume {upload} -", env, src))  # the same stream: it finishes
+    assert code == 0, err
+    assert_stored(server, BUCKET, "running", data)
+    sent = part_bytes_sent(server, "running", start)
+    assert all(sent[i] == PART - CHUNK for i in range(CONNECTIONS)), sent  # the sessions went on
+    assert server.list_objects(BUCKET) == ["running"] and journals(env) == []
+
+
+def test_a_journal_with_more_holes_than_memory_for_them_is_refused(server, env, tmp_path):
+    """The parts before the last one checked are held until the check: at most N-1 of them."""
+    src, _, upload = _killed_with_parts(server, env, tmp_path, "holes", stored=5)
+    path = Path(env["GCSSTREAM_STATE_DIR"]) / f"{upload}.json"
+    entry = json.loads(path.read_text())
+    par = entry["parallel"]
+    last = max(p[0] for p in par["parts"])
+    assert last >= CONNECTIONS
+    par["parts"] = [p for p in par["parts"] if p[0] == last]
+    par["running"] = [p for p in par["running"] if p[0] > last]
+    path.write_text(json.dumps(entry))
+    before = path.read_text()
+    start = last_seq(server)
+    code, _, err = finish(gcs(f"resume {upload} -", env, src))
+    assert code == 2, err
+    held = re.search(rf"upload {upload} cannot be continued: (\d+) of its parts before its last stored", err)
+    assert held and int(held.group(1)) >= last > CONNECTIONS - 1, err
+    assert {r.kind for r in server.requests if r.seq > start} <= {"bucket"} and path.read_text() == before
+
+
 def test_abort_deletes_the_parts_and_forgets_the_upload(server, env, tmp_path):
     _, _, upload = _killed_with_parts(server, env, tmp_path, "aborted")
     (entry,) = sessions(env)
@@ -213,7 +288,7 @@ def test_abort_deletes_the_parts_and_forgets_the_upload(server, env, tmp_path):
     assert status.stdout.startswith(f"{upload} gs://{BUCKET}/aborted: {entry['parts']} parts ("), (
         status.stdout
     )
-    running = [uri for _, uri in journal_file(env, upload)["parallel"]["running"]]
+    running = [item[1] for item in journal_file(env, upload)["parallel"]["running"]]
     code, _, err = finish(gcs(f"abort {upload}", env))
     assert code == 0, err
     assert unstamped(err) == f"gcsstream: aborted {upload} (gs://{BUCKET}/aborted)\n"

@@ -289,11 +289,11 @@ def test_an_entry_of_a_newer_schema_is_skipped_and_left_alone(tmp_path):
     journal = Journal(tmp_path / "state")
     journal.check_writable()
     path = tmp_path / "state" / "0000000b.json"
-    data = {"id": "0000000b", **entry_fields(settings()), "schema": 4, "stripes": [{"what": "ever"}]}
+    data = {"id": "0000000b", **entry_fields(settings()), "schema": 5, "stripes": [{"what": "ever"}]}
     path.write_text(json.dumps(data))
     before = path.read_bytes()
     with pytest.raises(
-        UsageError, match=r"is not used: it was written by a newer gcsstream \(journal schema 4"
+        UsageError, match=r"is not used: it was written by a newer gcsstream \(journal schema 5"
     ):
         journal.load("0000000b")
     warnings: list[str] = []
@@ -318,7 +318,7 @@ def test_a_parallel_entry_round_trips_through_its_file_as_schema_3(tmp_path):
     journal = Journal(tmp_path / "state")
     journal.check_writable()
     entry = JournalEntry.from_json(parallel_entry(), "0000000a")
-    assert entry.schema == journal_module.SCHEMA == 3
+    assert entry.schema == journal_module.SCHEMA == 4  # in memory; written in the oldest that holds it
     assert entry.is_parallel and (entry.part_size, entry.connections, entry.session_uri) == (PART, 4, "")
     assert entry.parts == [FinishedPart(0, PART, 100, 5), FinishedPart(2, PART, 2**32 - 1, 6)]
     assert entry.running == [RunningPart(1, RUNNING_URI)]
@@ -335,6 +335,21 @@ def test_a_parallel_entry_round_trips_through_its_file_as_schema_3(tmp_path):
     assert written == entry.to_json()
 
 
+def test_a_running_part_with_confirmed_bytes_is_written_as_schema_4(tmp_path):
+    """Only then: an entry a gcsstream reading schema 3 can use is written as schema 3."""
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    data = parallel_entry(_confirmed(2 * QUANTUM, 77), schema=4)
+    entry = JournalEntry.from_json(data, "0000000a")
+    assert entry.running == [RunningPart(1, RUNNING_URI, 2 * QUANTUM, 77)]
+    journal.write(entry)
+    written = json.loads((tmp_path / "state" / "0000000a.json").read_text())
+    assert written["schema"] == 4 and written["parallel"]["running"] == [[1, RUNNING_URI, 2 * QUANTUM, 77]]
+    assert Journal(tmp_path / "state").load("0000000a") == entry
+    entry.running = [RunningPart(1, RUNNING_URI)]
+    assert entry.to_json()["schema"] == 3 and entry.to_json()["parallel"]["running"] == [[1, RUNNING_URI]]
+
+
 def test_a_parallel_entry_does_not_expire_as_a_session_does():
     """Its parts are objects: no session lifetime ends them (a single upload's entry expires)."""
     old = {"created": 1.0, "updated": 1.0}
@@ -348,7 +363,11 @@ def test_a_single_uploads_entry_is_still_written_as_schema_2(tmp_path):
     journal = Journal(tmp_path / "state")
     journal.check_writable()
     plain = JournalEntry.from_json({"id": "0000000c", **entry_fields(settings())}, "0000000c")
-    assert plain.schema == 3 and not plain.is_parallel and (plain.parts, plain.running) == ([], [])
+    assert (
+        plain.schema == journal_module.SCHEMA
+        and not plain.is_parallel
+        and (plain.parts, plain.running) == ([], [])
+    )
     journal.write(plain)
     raw = (tmp_path / "state" / "0000000c.json").read_text()
     written = json.loads(raw)
@@ -357,7 +376,7 @@ def test_a_single_uploads_entry_is_still_written_as_schema_2(tmp_path):
     assert set(written) == set(entry_fields(settings())) | schema_2_fields
     assert Journal(tmp_path / "state").load("0000000c") == plain
     again = JournalEntry.from_json(written, "0000000c")
-    assert again == plain and again.schema == 3
+    assert again == plain and again.schema == journal_module.SCHEMA
 
 
 def test_a_parts_object_is_named_by_the_entry_never_by_its_file():
@@ -382,6 +401,15 @@ _NOT_A_RUNNING_PART = "'running' holds something that is not a part"
 _FIELDS = "a part's fields are not non-negative integers"
 _RANGE = "a part's size or crc32c is out of range"
 _OFF_ENDPOINT = "a running part's session URI is not on its endpoint"
+_CONFIRMED = "a running part's confirmed bytes are out of range"
+QUANTUM = 262144
+
+
+def _confirmed(confirmed, crc32c) -> dict:
+    """A record of 1 MiB parts, nothing stored, part 1 running with ``confirmed`` bytes."""
+    return {"part_size": 4 * QUANTUM, "parts": [], "running": [[1, RUNNING_URI, confirmed, crc32c]]}
+
+
 _SHORT = "a part other than the stream's last is shorter than 'part_size'"
 
 
@@ -446,6 +474,14 @@ _SHORT = "a part other than the stream's last is shorter than 'part_size'"
         ({"running": [[1, ""]]}, {}, _OFF_ENDPOINT),
         ({"running": [[1, None]]}, {}, _OFF_ENDPOINT),
         ({"running": [[1, 5]]}, {}, _OFF_ENDPOINT),
+        # what a running part's session confirmed (schema 4)
+        ({"running": [[1, RUNNING_URI, QUANTUM, 5]]}, {}, "'running' holds something that is not a part"),
+        (_confirmed(1000, 5), {"schema": 4}, _CONFIRMED),
+        (_confirmed(4 * QUANTUM, 5), {"schema": 4}, _CONFIRMED),
+        (_confirmed(0, 5), {"schema": 4}, _CONFIRMED),
+        (_confirmed(QUANTUM, 2**32), {"schema": 4}, "confirmed bytes or crc32c are not valid"),
+        (_confirmed("1", 5), {"schema": 4}, "confirmed bytes or crc32c are not valid"),
+        (_confirmed(-QUANTUM, 5), {"schema": 4}, "confirmed bytes or crc32c are not valid"),
         # the parts together
         ({"running": [[2, RUNNING_URI]]}, {}, "a part is both finished and running"),
         ({"running": [[0, RUNNING_URI], [1, RUNNING_URI]]}, {}, "a part is both finished and running"),
@@ -503,6 +539,8 @@ def test_parts_that_are_not_well_formed_make_the_entry_unused(tmp_path, record, 
         ({"running": [[1, RUNNING_URI], [3, f"{ENDPOINT}/other?upload_id=p3"]]}, {}),
         ({"connections": 2}, {}),
         ({"connections": 64}, {}),
+        (_confirmed(3 * QUANTUM, 2**32 - 1), {"schema": 4}),
+        (_confirmed(QUANTUM, 0), {"schema": 4}),
         ({"part_size": 64 * PART, "parts": [[0, 64 * PART, 1, 1]]}, {}),
         ({}, {"destination": "gs://bkt/" + "x" * 990}),  # its part names are 1022 bytes
     ],
@@ -530,13 +568,13 @@ class _CountedWrites(Journal):
         super().write(entry)
 
 
-def _parts_recorder(tmp_path, journal: Journal | None = None) -> PartsRecorder:
+def _parts_recorder(tmp_path, journal: Journal | None = None, part_size: int = PART) -> PartsRecorder:
     return PartsRecorder.for_new(
         journal or Journal(tmp_path / "state"),
         settings(),
         chunk_size=262144,
         source={"kind": "stream"},
-        part_size=PART,
+        part_size=part_size,
         connections=4,
     )
 
@@ -593,6 +631,28 @@ def test_each_part_started_and_finished_is_on_disk_when_the_call_returns(tmp_pat
     ]
     assert loaded.persisted == 2 * PART + 100
     assert (recorder.entry.parts, recorder.entry.persisted) == (loaded.parts, loaded.persisted)  # type: ignore[union-attr]
+
+
+def test_what_a_running_parts_session_confirmed_is_written_behind_it(tmp_path):
+    recorder = _parts_recorder(tmp_path, part_size=4 * QUANTUM)
+    entry_id = recorder.started().id
+    recorder.part_started(0, _uri(0))
+    recorder.part_started(1, _uri(1))
+    recorder.part_persisted(1, 262144, 99)
+    recorder.part_persisted(5, 262144, 99)  # not running (a late call): nothing to record
+    recorder.flush()
+    assert _on_disk(tmp_path, entry_id).running == [
+        RunningPart(0, _uri(0)),
+        RunningPart(1, _uri(1), 262144, 99),
+    ]
+    recorder.part_started(1, _uri(2))  # a new session has confirmed nothing
+    assert _on_disk(tmp_path, entry_id).running == [RunningPart(0, _uri(0)), RunningPart(1, _uri(2))]
+    recorder.part_persisted(0, 262144, 7)
+    recorder.close()  # waits for the write behind: the entry may be another process's next
+    assert _on_disk(tmp_path, entry_id).running[0] == RunningPart(0, _uri(0), 262144, 7)
+    recorder.part_persisted(0, 2 * 262144, 8)  # closed: writes nothing more
+    recorder.flush()
+    assert _on_disk(tmp_path, entry_id).running[0] == RunningPart(0, _uri(0), 262144, 7)
 
 
 def test_a_session_journaled_already_is_not_written_again(tmp_path):
