@@ -461,11 +461,11 @@ class _Run:
                 raise
             self.aborted.set()
             left = self._cleanup(workers, failed=True)
-            self._journal_leftovers()
+            self._journal_leftovers(left=bool(left))
             raise self._failed(exc, left) from None
         left = self._cleanup(workers, failed=False)
         if self.recorder is not None:
-            self._journal_leftovers(composed=final.piece.generation or 1)
+            self._journal_leftovers(left=bool(left), composed=final.piece.generation or 1)
         if left and self.o._warn is not None:
             kept = self.recorder.entry if self.recorder is not None and not self.recorder.done else None
             hint = f" (`gcsstream abort {kept.id}` deletes them)" if kept is not None else ""
@@ -926,17 +926,18 @@ class _Run:
                 self.recorder.flush()
             self.recorder.close()  # a part still running past the grace journals nothing more
 
-    def _journal_leftovers(self, *, composed: int = 0) -> None:
-        """After a failed run's cleanup: forget the entry, or keep the parts that are left in it
-        (``sessions`` lists them; ``abort`` deletes them)."""
+    def _journal_leftovers(self, *, left: bool, composed: int = 0) -> None:
+        """After the cleanup: forget the entry, or, where anything is ``left`` (a part, an
+        intermediate of the compose tree), keep it with the parts left in it: ``sessions``
+        lists it, ``abort`` deletes everything under its prefix."""
         recorder = self.recorder
         if recorder is None or recorder.entry is None:
             return
         entry = recorder.entry
-        left = {p.index for p in entry.parts if entry.part_name(p.index).name not in self.gone_names}
+        parts = {p.index for p in entry.parts if entry.part_name(p.index).name not in self.gone_names}
         with contextlib.suppress(GcsstreamError):
-            if left:
-                recorder.keep_only(left, composed=composed)
+            if parts or left:
+                recorder.keep_only(parts, composed=composed)
             else:
                 recorder.finished()
 

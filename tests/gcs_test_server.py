@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import base64
 import calendar
+import fnmatch
 import hashlib
 import http.server
 import json
@@ -205,7 +206,8 @@ class Fault:
     ``kind``: one of :data:`FAULT_KINDS`.
 
     Targeting: ``on`` is a request kind (:data:`REQUEST_KINDS`), ``"put"`` (chunk, final or status)
-    or ``"any"``; ``name`` optionally restricts it to one object name.  The fault counts the
+    or ``"any"``; ``name`` optionally restricts it to one object name, ``name_like`` to names matching a
+    shell pattern (``fnmatch``, case-sensitive).  The fault counts the
     matching requests it sees from the moment it is in the plan (``seen``); it fires on the
     ``nth`` of them (1-based; ``None`` = the next one) and on the following ones until it has fired
     ``times`` times.  One fault at most is applied per request: the first eligible one in the plan's
@@ -249,6 +251,7 @@ class Fault:
     nth: int | None = None
     times: int = 1
     name: str | None = None
+    name_like: str | None = None
     status: int | None = None
     retry_after: float | None = None
     after_bytes: int | None = None
@@ -275,6 +278,8 @@ class Fault:
 
     def _matches(self, kind: str, name: str | None) -> bool:
         if self.name is not None and self.name != name:
+            return False
+        if self.name_like is not None and not fnmatch.fnmatchcase(name or "", self.name_like):
             return False
         return self.on in (kind, "any") or (self.on == "put" and kind in _SESSION_PUT_KINDS)
 

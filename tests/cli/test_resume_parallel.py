@@ -458,6 +458,28 @@ def test_a_put_of_another_kind_names_the_parallel_upload_it_leaves(server, env, 
     assert journals(env) == [upload]
 
 
+def test_intermediates_left_after_a_success_keep_the_upload_for_abort(server, env, tmp_path):
+    """Every part deleted, but not the compose tree's intermediates: the entry stays, so that
+    `sessions` lists the upload and `abort` deletes them; nothing is left only in a message."""
+    src = tmp_path / "src.bin"
+    data = make_input(src, random.Random(10), PARTS, PART)
+    server.faults.add(
+        Fault("status", status=403, on="delete", name_like="tree.gcsstream-parts/*/compose-*", times=2)
+    )
+    code, _, err = finish(gcs(f"put {options()} - gs://{BUCKET}/tree", env, src))
+    assert code == 0, err
+    assert_stored(server, BUCKET, "tree", data)
+    left = [n for n in server.list_objects(BUCKET) if n != "tree"]
+    assert len(left) == 2 and all("/compose-" in n for n in left)
+    (entry,) = sessions(env)
+    upload = entry["id"]
+    assert f"(`gcsstream abort {upload}` deletes them)" in err
+    assert journal_file(env, upload)["parallel"]["composed"] > 0
+    code, _, err = finish(gcs(f"abort {upload}", env))
+    assert code == 0, err
+    assert server.list_objects(BUCKET) == ["tree"] and journals(env) == []
+
+
 def test_parts_left_after_a_success_are_listed_and_aborted_not_resumed(server, env, tmp_path):
     src = tmp_path / "src.bin"
     data = make_input(src, random.Random(9), 6, PART)
