@@ -389,10 +389,12 @@ def test_a_signal_keeps_the_parts_for_resume(server, env, tmp_path, sig, code, w
     proc = gcs(f"put {options()} - gs://{BUCKET}/sig", env, src)
     wait_nth_request(server, "final", 1, start)
     server.wait_for_request(lambda r: r.kind == "final" and r.fault == "stall", 60)
+    (upload,) = journals(env)
+    wait_for_journal(env, upload, lambda e: len(e["parallel"]["parts"]) >= 1)  # one part is stored
     proc.send_signal(sig)
     returncode, _, err = finish(proc, timeout=60)
     assert returncode == code, err
-    upload = the_upload(env)
+    assert the_upload(env) == upload
     match = re.fullmatch(
         rf"gcsstream: error: {word}; (\d+) parts? \(.+\) (are|is) stored; continue with: "
         rf"\.\.\. \| gcsstream resume {upload} -\n",
