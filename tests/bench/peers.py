@@ -1,7 +1,7 @@
 """gcsstream against its peers: every way to get a stream into Cloud Storage, on one machine, in one run.
 
     .venv/bin/pip install -e '.[bench]'        # the peers' libraries; rclone is `apt-get install rclone`
-    .venv/bin/python -m tests.bench.peers [--sizes 1GiB,4GiB] [--runs 3] [--out DIR] [--link]
+    .venv/bin/python -m tests.bench.peers [--sizes 1GiB,4GiB] [--runs 3] [--out DIR] [--name NAME] [--link]
 
 Each tool uploads the same random input into one sink, the project's test server started as a
 process with ``--discard --no-md5`` (it CRC32Cs each body and keeps no bytes, so it is not the
@@ -17,7 +17,8 @@ single-stream throughput a real link would allow.  There, and only there, ``gcss
 (64 MiB parts) runs too, against issue 12's targets (6x the single stream, 8 parts + 40 MiB, 1.2x
 the CPU); use ``--link-size 1GiB`` for those.
 
-Writes DIR/peers.md (the table), DIR/peers.png (the chart) and DIR/peers.json (every run).
+Writes DIR/NAME.md (the table), DIR/NAME.png (the chart) and DIR/NAME.json (every run); NAME is
+``peers`` unless given (the committed parallel rows are ``--name parallel``).
 
 The Python peers run through this module's driver mode (``--peer NAME``), written the way their
 documentation or the usual answer uses them (``shutil.copyfileobj`` from the input into the
@@ -766,7 +767,10 @@ def markdown(rows: list[Row], info: dict, args: argparse.Namespace, skipped: dic
     lines += [
         "",
         f"`python -m tests.bench.peers --sizes {args.sizes} --runs {args.runs}"
+        + (f" --modes {args.modes}" if getattr(args, "modes", "file,pipe") != "file,pipe" else "")
+        + (f" --peers {args.peers}" if getattr(args, "peers", "") else "")
         + (f" --link --link-size {args.link_size}" if args.link else "")
+        + (f" --name {args.name}" if getattr(args, "name", "peers") != "peers" else "")
         + "`: medians of "
         f"{args.runs} runs, the tools' order alternating run by run; 16 MiB chunks wherever the tool "
         "has a chunk size; the sink is tests/gcs_test_server.py as a process with `--discard"
@@ -958,28 +962,33 @@ def bench(args: argparse.Namespace) -> int:
                     p.wait()
     info["load_after"] = _load()
     saved = {"info": info, "args": vars(args), "skipped": skipped, "runs": [asdict(r) for r in runs]}
-    (out / "peers.json").write_text(json.dumps(saved, indent=1) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(saved, indent=1) + "\n")
     render(out, runs, info, args, skipped)
     return 0 if all(r.ok for r in runs) else 1
 
 
 def render(out: Path, runs: list[Run], info: dict, args: argparse.Namespace, skipped: dict[str, str]) -> None:
     rows = summarize(runs)
-    (out / "peers.md").write_text(markdown(rows, info, args, skipped))
-    chart(rows, info, out / "peers.png")
-    print((out / "peers.md").read_text())
+    name = getattr(args, "name", "peers")
+    (out / f"{name}.md").write_text(markdown(rows, info, args, skipped))
+    chart(rows, info, out / f"{name}.png")
+    print((out / f"{name}.md").read_text())
 
 
-def rerender(path: Path, out: Path, note: str) -> int:
-    """Write the table and chart again from a saved peers.json (e.g. after changing their layout)."""
+def rerender(path: Path, out: Path, note: str, name: str) -> int:
+    """Write the results again from a saved NAME.json (e.g. after changing their layout), as
+    ``out/name.*``."""
     saved = json.loads(path.read_text())
     args = argparse.Namespace(**saved["args"])
+    args.name = name
     if note:
         args.note = note
+    saved["args"] = vars(args)
     runs = [Run(**r) for r in saved["runs"]]
     info = saved["info"]
     info.setdefault("load_after", "?")
     out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(saved, indent=1) + "\n")
     render(out, runs, info, args, saved.get("skipped", {}))
     return 0
 
@@ -1020,6 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1GiB", help="comma-separated input sizes (default 1GiB)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "tests" / "bench" / "results"))
+    p.add_argument("--name", default="peers", help="the results' file name, without .md/.png/.json")
     p.add_argument("--modes", default="file,pipe", help="file, pipe or both (default)")
     p.add_argument("--peers", default="", help=f"comma-separated subset of: {', '.join(BY_NAME)}")
     p.add_argument("--link", action="store_true", help="add rows through the latency proxy (from a pipe)")
@@ -1043,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer:
         return drive(args)
     if args.render:
-        return rerender(Path(args.render), Path(args.out), args.note)
+        return rerender(Path(args.render), Path(args.out), args.note, args.name)
     return bench(args)
 
 
