@@ -176,7 +176,8 @@ def _parallel_from_json(data: dict[str, Any], schema: int) -> dict[str, Any]:
                 confirmed, crc = item[2:] or (0, 0)
                 if not (_non_negative_int(confirmed) and _non_negative_int(crc) and crc < 1 << 32):
                     raise ValueError("a running part's confirmed bytes or crc32c are not valid")
-                if confirmed % CHUNK_QUANTUM or confirmed >= part_size or (crc and not confirmed):
+                # Any offset below the part's size: a service may confirm one off the 256 KiB grid.
+                if confirmed >= part_size or (crc and not confirmed):
                     raise ValueError("a running part's confirmed bytes are out of range")
                 running.append(RunningPart(item[0], item[1], confirmed, crc))
     done = {p.index for p in finished}

@@ -427,12 +427,11 @@ class _Run:
             return self._run()
         finally:
             # A failure's traceback holds this run (its frames hold the bodies being sent): the
-            # cycles through it are broken so that the buffers go now, not at the next garbage
-            # collection (a worker still running past the grace keeps its own).
+            # buffers go now, not at the next garbage collection (a worker still running past
+            # the grace keeps its own; a cleanup that outlives the run still has the futures).
             with self.lock:
                 self.spare.clear()
                 self.failure = None
-                self.futures = []
 
     def _run(self) -> UploadResult:
         started = self.o._clock()
@@ -795,8 +794,10 @@ class _Run:
             crc = crc32c_extend(crc, piece)
         try:
             try:
-                verify = (running.confirmed, running.crc32c) if running.confirmed else None
-                resume = Resume(running.session_uri, verify=verify)
+                # The reader checked the journal's confirmed prefix against the input already; a
+                # session that holds less than that is continued from what it holds (every byte
+                # of the part is here), not refused as a single upload's would be.
+                resume = Resume(running.session_uri)
                 return uploader.upload(source, part.target, metadata, recorder=session, resume=resume)
             except PrefixMismatch:
                 raise

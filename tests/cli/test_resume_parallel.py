@@ -7,6 +7,7 @@ The helpers (process reaping, waiting on the test server's request log) are test
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -37,9 +38,15 @@ from tests.cli.test_resume import (  # noqa: F401 - reap_processes and server ar
     wait_nth_request,
 )
 from tests.conftest import assert_stored, crc32c_b64, unstamped
-from tests.gcs_test_server import QUANTUM, Fault
+from tests.gcs_test_server import QUANTUM, Fault, FaultPlan
 
 CONNECTIONS = 4
+
+
+def crc32c_int(data: bytes) -> int:
+    return int.from_bytes(base64.b64decode(crc32c_b64(data)), "big")
+
+
 #: The SIGKILL test's sizes; the slow variant (and the README's measurement) uses 1 GiB.
 PART = 2 * QUANTUM
 CHUNK = QUANTUM
@@ -254,6 +261,39 @@ def test_a_stream_changed_inside_a_running_part_is_refused_before_anything_is_se
     sent = part_bytes_sent(server, "running", start)
     assert all(sent[i] == PART - CHUNK for i in range(CONNECTIONS)), sent  # the sessions went on
     assert server.list_objects(BUCKET) == ["running"] and journals(env) == []
+
+
+def test_a_session_holding_less_than_the_journal_says_is_continued_from_there(server, env, tmp_path):
+    """A part's session that answers with fewer bytes than its journal recorded (a service that
+    lost some): the part's bytes are all in memory, so it goes on from what the service holds,
+    where a single upload is refused; before, the whole upload was deleted."""
+    src = tmp_path / "src.bin"
+    part, chunk = 4 * QUANTUM, QUANTUM
+    data = make_input(src, random.Random("behind"), 3, part)
+    # Part 0's second chunk keeps failing: the run stops resumably with one chunk confirmed.
+    server.faults.add(
+        Fault(
+            "status", status=503, on="chunk", name_like="behind.gcsstream-parts/*/000000", nth=2, times=10_000
+        )
+    )
+    code, _, err = finish(
+        gcs(f"put {options(part, chunk)} --retry-deadline 1 - gs://{BUCKET}/behind", env, src)
+    )
+    assert code == 75, err
+    server.faults = FaultPlan()
+    (upload,) = journals(env)
+    path = Path(env["GCSSTREAM_STATE_DIR"]) / f"{upload}.json"
+    entry = json.loads(path.read_text())
+    (running,) = [p for p in entry["parallel"]["running"] if p[0] == 0]
+    assert running[2:] == [chunk, crc32c_int(data[:chunk])]
+    running[2:] = [2 * chunk, crc32c_int(data[: 2 * chunk])]  # more than the service holds
+    path.write_text(json.dumps(entry))
+    start = last_seq(server)
+    code, _, err = finish(gcs(f"resume {upload} -", env, src))
+    assert code == 0, err
+    assert part_bytes_sent(server, "behind", start)[0] == part - chunk  # from what it holds
+    assert_stored(server, BUCKET, "behind", data)
+    assert server.list_objects(BUCKET) == ["behind"] and journals(env) == []
 
 
 def test_a_journal_with_more_holes_than_memory_for_them_is_refused(server, env, tmp_path):

@@ -476,7 +476,6 @@ _SHORT = "a part other than the stream's last is shorter than 'part_size'"
         ({"running": [[1, 5]]}, {}, _OFF_ENDPOINT),
         # what a running part's session confirmed (schema 4)
         ({"running": [[1, RUNNING_URI, QUANTUM, 5]]}, {}, "'running' holds something that is not a part"),
-        (_confirmed(1000, 5), {"schema": 4}, _CONFIRMED),
         (_confirmed(4 * QUANTUM, 5), {"schema": 4}, _CONFIRMED),
         (_confirmed(0, 5), {"schema": 4}, _CONFIRMED),
         (_confirmed(QUANTUM, 2**32), {"schema": 4}, "confirmed bytes or crc32c are not valid"),
@@ -540,6 +539,7 @@ def test_parts_that_are_not_well_formed_make_the_entry_unused(tmp_path, record, 
         ({"connections": 2}, {}),
         ({"connections": 64}, {}),
         (_confirmed(3 * QUANTUM, 2**32 - 1), {"schema": 4}),
+        (_confirmed(1000, 5), {"schema": 4}),  # a service may confirm off the 256 KiB grid
         (_confirmed(QUANTUM, 0), {"schema": 4}),
         ({"part_size": 64 * PART, "parts": [[0, 64 * PART, 1, 1]]}, {}),
         ({}, {"destination": "gs://bkt/" + "x" * 990}),  # its part names are 1022 bytes
@@ -647,6 +647,9 @@ def test_what_a_running_parts_session_confirmed_is_written_behind_it(tmp_path):
     ]
     recorder.part_started(1, _uri(2))  # a new session has confirmed nothing
     assert _on_disk(tmp_path, entry_id).running == [RunningPart(0, _uri(0)), RunningPart(1, _uri(2))]
+    recorder.part_persisted(0, 1000, 6)  # off the 256 KiB grid: still an entry that can be used
+    recorder.flush()
+    assert _on_disk(tmp_path, entry_id).running[0] == RunningPart(0, _uri(0), 1000, 6)
     recorder.part_persisted(0, 262144, 7)
     recorder.close()  # waits for the write behind: the entry may be another process's next
     assert _on_disk(tmp_path, entry_id).running[0] == RunningPart(0, _uri(0), 262144, 7)
