@@ -180,21 +180,27 @@ def _killed_with_parts(server, env, tmp_path, name: str, stored: int = 3) -> tup
     return src, data, the_upload(env)
 
 
+def resume_changed(server, env, tmp_path, data: bytes, upload: str, at: int) -> tuple[int, str, set[str]]:
+    """``resume`` from the input with its byte at ``at`` flipped: the exit code, stderr, and the
+    kinds of the requests it made."""
+    changed = tmp_path / "changed.bin"
+    flipped = bytearray(data)
+    flipped[at] ^= 1
+    changed.write_bytes(bytes(flipped))
+    start = last_seq(server)
+    code, _, err = finish(gcs(f"resume {upload} -", env, changed))
+    return code, err, {r.kind for r in server.requests if r.seq > start}
+
+
 def test_a_changed_stream_is_refused_before_anything_is_sent(server, env, tmp_path):
     src, data, upload = _killed_with_parts(server, env, tmp_path, "changed")
     first = min(stored_parts(env, upload))
     before = journal_file(env, upload)
     objects = server.list_objects(BUCKET)
-    changed = tmp_path / "changed.bin"
-    flipped = bytearray(data)
-    flipped[first * PART + 1000] ^= 1
-    changed.write_bytes(bytes(flipped))
-    start = last_seq(server)
-    code, _, err = finish(gcs(f"resume {upload} -", env, changed))
+    code, err, kinds = resume_changed(server, env, tmp_path, data, upload, first * PART + 1000)
     assert code == 3, err
     assert f"the input differs from what upload {upload} stored: part {first} " in err
     assert "the upload is left as it was" in err
-    kinds = {r.kind for r in server.requests if r.seq > start}
     assert kinds <= {"bucket", "status"}, kinds  # nothing was sent, nothing deleted or cancelled
     assert journal_file(env, upload) == before and server.list_objects(BUCKET) == objects
 
@@ -241,16 +247,11 @@ def test_a_stream_changed_inside_a_running_part_is_refused_before_anything_is_se
     assert all(p[2] == CHUNK for p in entry["parallel"]["running"])
     before = journal_file(env, upload)
 
-    changed = tmp_path / "changed.bin"
-    flipped = bytearray(data)
-    flipped[2 * PART + 1000] ^= 1  # in part 2's first chunk, which its session holds
-    changed.write_bytes(bytes(flipped))
-    start = last_seq(server)
-    code, _, err = finish(gcs(f"resume {upload} -", env, changed))
+    # A byte in part 2's first chunk, which its session holds:
+    code, err, kinds = resume_changed(server, env, tmp_path, data, upload, 2 * PART + 1000)
     assert code == 3, err
     assert f"the input differs from what upload {upload} sent: the session of part 2 confirmed" in err
     assert "the upload is left as it was" in err
-    kinds = {r.kind for r in server.requests if r.seq > start}
     assert kinds <= {"bucket"}, kinds  # not one part was sent, no session asked or cancelled
     assert journal_file(env, upload) == before and server.list_objects(BUCKET) == []
 
