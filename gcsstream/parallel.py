@@ -25,13 +25,14 @@ error, or given to ``warn`` after a success. Without a journal they are deleted 
 caller's thread is interrupted (Ctrl-C, or the command line's SIGTERM/SIGHUP exceptions).
 
 With a journal (a ``PartsRecorder``) the upload is resumable: the run's id is the entry's, each
-part's session is journaled before its first byte and each verified part before its worker
-takes another. A signal, or retries running out, then stops the run keeping its sessions and
-parts. Resumed from the entry, a run reads the stream again from its start: every finished
-part's bytes are hashed and checked against the journal before it is skipped (a different
-stream is refused, ``PrefixMismatch``, before anything is sent: the parts unfinished below the
-last finished one are held, not sent, until then), the running parts continue their sessions
-(a fresh one where a session is gone), and the rest upload as new.
+part's session is journaled before its first byte, what it confirmed behind it, and each
+verified part before its worker takes another. A signal, or retries running out, then stops the
+run keeping its sessions and parts. Resumed from the entry, a run reads the stream again from
+its start: every finished part's bytes, and what each running part's session confirmed, are
+hashed and checked against the journal (a different stream is refused, ``PrefixMismatch``,
+before anything is sent: the parts below the last one checked are held, not sent, until then),
+the running parts continue their sessions (a fresh one where a session is gone, or the part as
+it is where its session had stored it), and the rest upload as new.
 """
 
 from __future__ import annotations
@@ -520,9 +521,9 @@ class _Run:
     def _read_parts(self, workers: _Workers) -> tuple[list[_Piece], int, int]:
         """Cut the source into parts and hand each to a worker; the stream's size and CRC32C.
 
-        Resuming, a finished part's bytes are checked against the journal and skipped; the parts
-        unfinished below the last finished one are held until it is checked (nothing is sent
-        from a stream that turns out to differ)."""
+        Resuming, a finished part's bytes are checked against the journal and skipped, and a
+        running part's against what its session confirmed; the parts below the last one checked
+        are held until then (nothing is sent from a stream that turns out to differ)."""
         parts: list[_Piece] = []
         total = crc = 0
         entry = self.resumed
@@ -576,10 +577,12 @@ class _Run:
                 break
         if horizon >= len(parts):
             assert entry is not None
+            size = entry.part_size
+            ends = [p.index * size + p.size for p in entry.parts]
+            ends += [p.index * size + p.confirmed for p in entry.running if p.confirmed]
             raise PrefixMismatch(
-                f"the input ended after {total} bytes, but upload {entry.id} has stored "
-                f"{entry.persisted} bytes of it: resume it with the same input; the upload is left "
-                "as it was"
+                f"the input ended after {total} bytes, but upload {entry.id} has sent bytes of it "
+                f"up to offset {max(ends)}: resume it with the same input; the upload is left as it was"
             )
         if self.opts.expected_size is not None and total != self.opts.expected_size:
             raise SourceError(

@@ -208,6 +208,10 @@ def test_a_changed_stream_is_refused_before_anything_is_sent(server, env, tmp_pa
     shorter.write_bytes(data[: max(stored_parts(env, upload)) * PART])
     code, _, err = finish(gcs(f"resume {upload} -", env, shorter))
     assert code == 3, err
+    end = (max(stored_parts(env, upload)) + 1) * PART  # the end of its last stored part at least
+    ended = f"the input ended after {len(shorter.read_bytes())} bytes, but upload {upload} has sent"
+    sent = re.search(rf"{ended} bytes of it up to offset (\d+)", err)
+    assert sent and int(sent.group(1)) >= end, err
     assert journal_file(env, upload) == before and server.list_objects(BUCKET) == objects
 
     code, _, err = finish(gcs(f"resume {upload} -", env, src))  # the same stream: it finishes
