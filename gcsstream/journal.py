@@ -856,8 +856,7 @@ class PartsRecorder:
                 RunningPart(p.index, p.session_uri, confirmed, crc32c) if p.index == index else p
                 for p in entry.running
             ]
-            self._writer.wait()
-            self._writer.submit(replace(entry, parts=list(entry.parts), running=list(entry.running)))
+            self._write(behind=True)
 
     def part_finished(self, index: int, size: int, crc32c: int, generation: int) -> None:
         with self._lock:
@@ -887,13 +886,15 @@ class PartsRecorder:
             self.entry.persisted = sum(p.size for p in self.entry.parts)
             self._write()
 
-    def _write(self) -> None:
+    def _write(self, *, behind: bool = False) -> None:
+        """Write the entry after the write before it; ``behind``: without waiting for this one."""
         assert self.entry is not None
         self._writer.wait()
         self._writer.submit(
             replace(self.entry, parts=list(self.entry.parts), running=list(self.entry.running))
         )
-        self._writer.wait()
+        if not behind:
+            self._writer.wait()
 
     def flush(self) -> None:
         self._writer.wait()

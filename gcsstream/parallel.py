@@ -599,9 +599,7 @@ class _Run:
         self, index: int, offset: int, size: int, crc32c: int, pieces: list[Chunk], read: int
     ) -> None:
         """A part stored by an earlier run must be what the input holds there (``PrefixMismatch``)."""
-        found = 0
-        for piece in pieces:
-            found = crc32c_extend(found, piece)
+        found, _ = _crc32c_of(pieces)
         if read != size or found != crc32c:
             assert self.resumed is not None
             raise PrefixMismatch(
@@ -613,19 +611,14 @@ class _Run:
 
     def _check_confirmed(self, index: int, offset: int, session: RunningPart, pieces: list[Chunk]) -> None:
         """What a running part's session confirmed must be what the input holds there."""
-        found, left = 0, session.confirmed
-        for piece in pieces:
-            if left <= 0:
-                break
-            found = crc32c_extend(found, piece[:left])
-            left -= len(piece)
-        if left > 0 or found != session.crc32c:
+        found, have = _crc32c_of(pieces, session.confirmed)
+        if have < session.confirmed or found != session.crc32c:
             assert self.resumed is not None
             raise PrefixMismatch(
                 f"the input differs from what upload {self.resumed.id} sent: the session of part "
                 f"{index} confirmed {session.confirmed} bytes at offset {offset} with crc32c "
                 f"{encode_crc32c(session.crc32c)}, and the input has "
-                f"{session.confirmed - max(left, 0)} bytes with crc32c {encode_crc32c(found)} "
+                f"{have} bytes with crc32c {encode_crc32c(found)} "
                 "there; resume it with the same input; the upload is left as it was"
             )
 
@@ -792,9 +785,7 @@ class _Run:
         metadata = self._part_metadata()
         # What the part holds, while every piece is here (the engine gives sent ones back): a part
         # found existing is taken only if it holds these bytes.
-        crc = 0
-        for piece in data.pieces:
-            crc = crc32c_extend(crc, piece)
+        crc, _ = _crc32c_of(data.pieces)
         try:
             try:
                 # The reader checked the journal's confirmed prefix against the input already; a
@@ -828,7 +819,7 @@ class _Run:
             raise TransientError(
                 f"the session of {part.target} ended before the part was stored, and the bytes "
                 "it had confirmed are no longer held: resume the upload to send the part again"
-            ) from None
+            )
         session.session_uri = None
         fresh = _PartSource(list(data.pieces), source.description)
         return uploader.upload(fresh, part.target, self._part_metadata(), recorder=session)
@@ -1426,6 +1417,20 @@ class _Run:
     def _emit(self, event: Any) -> None:
         if self.o._on_event is not None:
             self.o._on_event(event)
+
+
+def _crc32c_of(pieces: list[Chunk], length: int | None = None) -> tuple[int, int]:
+    """The CRC32C of the pieces' bytes (the first ``length`` of them, if given) and how many
+    bytes that was."""
+    crc = have = 0
+    for piece in pieces:
+        if length is not None:
+            if have >= length:
+                break
+            piece = piece[: length - have]
+        crc = crc32c_extend(crc, piece)
+        have += len(piece)
+    return crc, have
 
 
 def _check_horizon(entry: JournalEntry) -> int:

@@ -770,7 +770,7 @@ def markdown(rows: list[Row], info: dict, args: argparse.Namespace, skipped: dic
         + (f" --modes {args.modes}" if getattr(args, "modes", "file,pipe") != "file,pipe" else "")
         + (f" --peers {args.peers}" if getattr(args, "peers", "") else "")
         + (f" --link --link-size {args.link_size}" if args.link else "")
-        + (f" --name {args.name}" if getattr(args, "name", "peers") != "peers" else "")
+        + (f" --name {args.name}" if args.name != "peers" else "")
         + "`: medians of "
         f"{args.runs} runs, the tools' order alternating run by run; 16 MiB chunks wherever the tool "
         "has a chunk size; the sink is tests/gcs_test_server.py as a process with `--discard"
@@ -969,7 +969,7 @@ def bench(args: argparse.Namespace) -> int:
 
 def render(out: Path, runs: list[Run], info: dict, args: argparse.Namespace, skipped: dict[str, str]) -> None:
     rows = summarize(runs)
-    name = getattr(args, "name", "peers")
+    name = args.name
     (out / f"{name}.md").write_text(markdown(rows, info, args, skipped))
     chart(rows, info, out / f"{name}.png")
     print((out / f"{name}.md").read_text())

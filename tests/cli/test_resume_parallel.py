@@ -7,7 +7,6 @@ The helpers (process reaping, waiting on the test server's request log) are test
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import google_crc32c
 import pytest
 
 from gcsstream.options import parse_size
@@ -41,10 +41,6 @@ from tests.conftest import assert_stored, crc32c_b64, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan
 
 CONNECTIONS = 4
-
-
-def crc32c_int(data: bytes) -> int:
-    return int.from_bytes(base64.b64decode(crc32c_b64(data)), "big")
 
 
 #: The SIGKILL test's sizes; the slow variant (and the README's measurement) uses 1 GiB.
@@ -290,8 +286,8 @@ def test_a_session_holding_less_than_the_journal_says_is_continued_from_there(se
     path = Path(env["GCSSTREAM_STATE_DIR"]) / f"{upload}.json"
     entry = json.loads(path.read_text())
     (running,) = [p for p in entry["parallel"]["running"] if p[0] == 0]
-    assert running[2:] == [chunk, crc32c_int(data[:chunk])]
-    running[2:] = [2 * chunk, crc32c_int(data[: 2 * chunk])]  # more than the service holds
+    assert running[2:] == [chunk, google_crc32c.value(data[:chunk])]
+    running[2:] = [2 * chunk, google_crc32c.value(data[: 2 * chunk])]  # more than the service holds
     path.write_text(json.dumps(entry))
     start = last_seq(server)
     code, _, err = finish(gcs(f"resume {upload} -", env, src))
