@@ -12,7 +12,6 @@ import functools
 import inspect
 import io
 import os
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from gcsstream.sources import (
     StreamSource,
     WriterSource,
 )
+from gcsstream.threads import HelperThread
 from gcsstream.transport import Transport, resolve_endpoint
 
 Credentials = str | os.PathLike[str] | auth_credentials.Credentials
@@ -318,8 +318,8 @@ class ObjectWriter(io.BufferedIOBase):
         except BaseException:  # refused before the engine starts: nothing else will release it
             plan.release()
             raise
-        self._thread = threading.Thread(
-            target=_run_writer, args=(plan, self._source, self._upload), name="gcsstream-upload", daemon=True
+        self._thread = HelperThread(
+            _run_writer, args=(plan, self._source, self._upload), name="gcsstream-upload"
         )
         self._finalizer = weakref.finalize(self, _discarded, self._source)
         self._finalizer.atexit = False  # at exit the engine thread stops with the interpreter

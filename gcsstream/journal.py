@@ -36,6 +36,7 @@ from typing import Any
 
 from gcsstream.errors import Busy, Interrupted, NotFoundError, UsageError
 from gcsstream.options import CHECKSUM_MODES, CHUNK_QUANTUM, MAX_PARALLEL, ObjectURL, origin, parse_gs_url
+from gcsstream.threads import HelperThread
 
 #: Sessions live for up to a week on the service.
 SESSION_LIFETIME = 7 * 24 * 3600
@@ -925,7 +926,7 @@ class _BackgroundWriter:
 
     def submit(self, entry: JournalEntry) -> None:
         """Start writing ``entry``; the previous write must be done (``wait``)."""
-        thread = threading.Thread(target=self._run, args=(entry,), name="gcsstream-journal", daemon=True)
+        thread = HelperThread(self._run, args=(entry,), name="gcsstream-journal")
         try:
             with self._cond:
                 self._busy = True

@@ -107,6 +107,7 @@ from gcsstream.session import (
     resource_int,
 )
 from gcsstream.sources import Chunk, ChunkSource, read_full, read_full_into
+from gcsstream.threads import HelperThread
 from gcsstream.transport import HTTPTransport
 
 if TYPE_CHECKING:
@@ -275,7 +276,7 @@ class _Workers:
         self._connect = connect
         self._jobs: queue.Queue[tuple[Callable[[HTTPTransport], Any], Future[Any]] | None] = queue.Queue()
         self._threads = [
-            threading.Thread(target=self._run, name=f"gcsstream-part-{i}", daemon=True) for i in range(n)
+            HelperThread(self._run, name=f"gcsstream-part-{i}") for i in range(n)
         ]
         for thread in self._threads:
             thread.start()
@@ -1169,7 +1170,7 @@ class _Run:
             finally:
                 done.set()
 
-        thread = threading.Thread(target=clean, name="gcsstream-cleanup", daemon=True)
+        thread = HelperThread(clean, name="gcsstream-cleanup")
         why = "timed out"
         try:
             thread.start()

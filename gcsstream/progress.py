@@ -29,6 +29,7 @@ from gcsstream.events import (
     UploadFinished,
     UploadStarted,
 )
+from gcsstream.threads import HelperThread
 
 if TYPE_CHECKING:  # rich, the engine and the downloader are imported only when used
     from rich.console import Group
@@ -298,7 +299,7 @@ def _plain_display(state: ProgressState, stream: TextIO, interval: float, done: 
                 line(status())
                 next_status += interval
 
-    thread = threading.Thread(target=run, name="gcsstream-progress", daemon=True)
+    thread = HelperThread(run, name="gcsstream-progress")
     thread.start()
     try:
         yield

@@ -19,6 +19,7 @@ from collections import deque
 from gcsstream.checksums import Checksums, crc32c_extend, encode_crc32c
 from gcsstream.errors import GcsstreamError, IntegrityError, PrefixMismatch, SourceError
 from gcsstream.sources import Chunk, ChunkSource, read_full
+from gcsstream.threads import HelperThread
 
 
 class ChunkWindow:
@@ -49,7 +50,7 @@ class ChunkWindow:
         self._total: int | None = None  # set at end of input, after source.finish()
         self._error: GcsstreamError | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._fill, name="gcsstream-reader", daemon=True)
+        self._thread = HelperThread(self._fill, name="gcsstream-reader")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
