@@ -275,9 +275,7 @@ class _Workers:
     def __init__(self, n: int, connect: Callable[[], HTTPTransport]) -> None:
         self._connect = connect
         self._jobs: queue.Queue[tuple[Callable[[HTTPTransport], Any], Future[Any]] | None] = queue.Queue()
-        self._threads = [
-            HelperThread(self._run, name=f"gcsstream-part-{i}") for i in range(n)
-        ]
+        self._threads = [HelperThread(self._run, name=f"gcsstream-part-{i}") for i in range(n)]
         for thread in self._threads:
             thread.start()
 

@@ -228,6 +228,27 @@ def test_a_write_that_outlasts_the_timeout_does_not_bring_a_finished_entry_back(
     assert list(journal.directory.iterdir()) == []
 
 
+def test_one_thread_writes_a_run_of_updates_and_ends_when_they_stop(tmp_path, monkeypatch):
+    # A thread started per write cost the sender a wait for its start on every chunk.
+    monkeypatch.setattr(journal_module._BackgroundWriter, "_IDLE", 0.05)
+    writers: list[int] = []
+    writer = journal_module._BackgroundWriter(lambda entry: writers.append(threading.get_ident()))
+    journal, recorder = _recorder(tmp_path)
+    assert recorder.entry is not None
+    for _ in range(5):
+        writer.wait()
+        writer.submit(recorder.entry)
+    writer.wait()
+    assert len(writers) == 5 and len(set(writers)) == 1
+    thread = writer._thread
+    assert thread is not None
+    thread.join(5)  # idle: it ends
+    assert not thread.is_alive() and writer._thread is None
+    writer.submit(recorder.entry)  # the next write starts another
+    writer.wait()
+    assert len(writers) == 6 and writer._thread is not thread
+
+
 def test_any_failure_of_a_journal_write_stops_the_upload(tmp_path, monkeypatch):
     journal, recorder = _recorder(tmp_path)
     journal.gate.set()
