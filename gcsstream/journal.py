@@ -421,6 +421,8 @@ class Journal:
         self._warn = warn or log.warning
         self._warned: set[str] = set()
         self._locks: dict[str, EntryLock] = {}
+        #: The background writer of each entry this process writes behind its run (``unlock``).
+        self._writers: dict[str, _BackgroundWriter] = {}
 
     # -- the directory ----------------------------------------------------------------------------
 
@@ -531,6 +533,7 @@ class Journal:
         """Forget an entry (and release its lock if this process holds it)."""
         with contextlib.suppress(FileNotFoundError):
             self._path(entry_id).unlink()
+        self._writers.pop(entry_id, None)
         lock = self._locks.pop(entry_id, None)
         if lock is not None:
             lock.release(forget=True)
@@ -642,9 +645,23 @@ class Journal:
         raise Busy(f"upload {entry_id} is locked")  # pragma: no cover - the loop raises first
 
     def unlock(self, entry_id: str) -> None:
+        """Release an entry's lock; while a write of it is still in flight (one that outlasted
+        ``JOURNAL_WRITE_TIMEOUT``), once that write has ended: another process that took the
+        upload over meanwhile would have its entry replaced by this one's older state."""
+        writer = self._writers.pop(entry_id, None)
+        if writer is not None:
+            writer.when_done(lambda: self._unlock_now(entry_id))
+        else:
+            self._unlock_now(entry_id)
+
+    def _unlock_now(self, entry_id: str) -> None:
         lock = self._locks.pop(entry_id, None)
         if lock is not None:
             lock.release(forget=not self._path(entry_id).exists())
+
+    def writes_behind(self, entry_id: str, writer: _BackgroundWriter) -> None:
+        """``writer`` writes this entry in the background: ``unlock`` waits for its last write."""
+        self._writers[entry_id] = writer
 
     def unlock_all(self) -> None:
         for entry_id in list(self._locks):
@@ -751,6 +768,7 @@ class JournalRecorder:
         assert self.entry is not None
         if self._writer is None:
             self._writer = _BackgroundWriter(self.journal.write)
+            self.journal.writes_behind(self.entry.id, self._writer)
         # First the write in flight: ``entry`` never runs ahead of the disk by more than the write
         # being made, so what an interrupted run prints is what ``resume`` will read.
         self._writer.wait()
@@ -890,6 +908,7 @@ class PartsRecorder:
     def _write(self, *, behind: bool = False) -> None:
         """Write the entry after the write before it; ``behind``: without waiting for this one."""
         assert self.entry is not None
+        self.journal.writes_behind(self.entry.id, self._writer)
         self._writer.wait()
         self._writer.submit(
             replace(self.entry, parts=list(self.entry.parts), running=list(self.entry.running))
@@ -931,7 +950,7 @@ class _BackgroundWriter:
         self._pending: JournalEntry | None = None
         self._thread: HelperThread | None = None
         self._error: UsageError | None = None
-        self._then: Callable[[], None] | None = None
+        self._then: list[Callable[[], None]] = []  # to run once the write in flight has ended
 
     def submit(self, entry: JournalEntry) -> None:
         """Start writing ``entry``; the previous write must be done (``wait``)."""
@@ -964,9 +983,17 @@ class _BackgroundWriter:
         timeout ends (on the writer's thread). Errors of the last write are dropped."""
         with self._cond:
             if not self._cond.wait_for(lambda: not self._busy, timeout=JOURNAL_WRITE_TIMEOUT):
-                self._then = then
+                self._then.append(then)
                 return
             self._error = None
+        then()
+
+    def when_done(self, then: Callable[[], None]) -> None:
+        """Run ``then`` now if no write is in flight, else when it ends (on the writer's thread)."""
+        with self._cond:
+            if self._busy:
+                self._then.append(then)
+                return
         then()
 
     def _serve(self) -> None:
@@ -988,12 +1015,14 @@ class _BackgroundWriter:
         except Exception as exc:  # noqa: BLE001 - any failure of the write stops the upload, as it did inline
             error = UsageError(f"cannot write the journal: {exc}")
         finally:
-            with self._cond:
-                then, self._then = self._then, None
-            if then is not None:
-                with contextlib.suppress(Exception):
-                    then()
-            with self._cond:
-                self._busy = False
-                self._error = error
-                self._cond.notify_all()
+            while True:  # what was left to run after this write, then idle (at once, so none is missed)
+                with self._cond:
+                    thens, self._then = self._then, []
+                    if not thens:
+                        self._busy = False
+                        self._error = error
+                        self._cond.notify_all()
+                        break
+                for then in thens:
+                    with contextlib.suppress(Exception):
+                        then()

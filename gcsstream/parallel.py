@@ -827,7 +827,11 @@ class _Run:
         """A part found existing where its session is gone: it is this part if it holds these
         bytes (CRC32C ``crc``); other bytes there mean another input (``PrefixMismatch``);
         None: it is gone again."""
-        found = self._retrying(lambda _: self._existing(transport, part.target), f"reading {part.target}")
+        found = self._retrying(
+            lambda _: self._existing(transport, part.target),
+            f"reading {part.target}",
+            sleep=self._sleep_unless_aborted,  # a part's worker: it stops with the run
+        )
         generation = resource_int(found, "generation") if found is not None else None
         if found is None or generation is None:
             return None
@@ -1110,7 +1114,13 @@ class _Run:
     def _json(self, method: str, url: str, body: dict[str, Any] | None, what: str) -> dict[str, Any]:
         return self._retrying(lambda _: self._exchange(self.transport, method, url, body, what), what)
 
-    def _retrying(self, attempt: Callable[[bool], T], what: str, deadline: float | None = None) -> T:
+    def _retrying(
+        self,
+        attempt: Callable[[bool], T],
+        what: str,
+        deadline: float | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> T:
         opts = self.opts
         return run_with_retries(
             attempt,
@@ -1122,7 +1132,7 @@ class _Run:
                 Retrying(f"{what}: {failure.reason}", delay, attempts)
             ),
             doing=lambda: what,
-            sleep=self.o._sleep,
+            sleep=sleep or self.o._sleep,
             clock=self.o._clock,
         )
 

@@ -383,6 +383,32 @@ def test_a_failed_look_at_an_existing_part_is_retried(server, env, tmp_path):
     assert server.list_objects(BUCKET) == ["looked"] and journals(env) == []
 
 
+def test_a_signal_stops_the_retried_look_at_an_existing_part(server, env, tmp_path):
+    """Found in review: the look at a part found existing retried with the run's plain sleep, so
+    a stopped run's worker went on asking (through the stop's grace, and after a library call
+    had returned) instead of stopping with the run."""
+    src, data, upload = _killed_with_parts(server, env, tmp_path, "stopped")
+    _, name = _as_if_stored_unheard(env, upload)
+    server.faults.add(Fault("status", on="object", name=name, status=503, times=10_000))
+    proc = gcs(f"resume {upload} - --retry-initial-delay 0.05 --retry-deadline 300", env, src)
+
+    def looks():
+        return [r for r in server.requests if r.kind == "object" and r.name == name]
+
+    server.wait_for_request(lambda r: r.kind == "object" and r.name == name and r.status == 503, 60)
+    server.wait_for_request(lambda r: len(looks()) >= 2, 60)  # its retries have begun
+    asked = len(looks())
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc, timeout=60)
+    assert code == 143, err
+    assert len(looks()) <= asked + 1, [r.seq for r in looks()]  # the one in flight at most
+    server.faults = FaultPlan()
+    code, _, err = finish(gcs(f"resume {upload} -", env, src))
+    assert code == 0, err
+    assert_stored(server, BUCKET, "stopped", data)
+    assert server.list_objects(BUCKET) == ["stopped"] and journals(env) == []
+
+
 def test_a_part_stored_by_another_session_at_its_last_request_is_taken_as_it_is(server, env, tmp_path):
     """The part's fresh session meets the part at its final request (412), after its first
     chunk went back to the reader: the part is still recognised by all of its bytes."""

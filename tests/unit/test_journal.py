@@ -11,7 +11,7 @@ import pytest
 
 from gcsstream import journal as journal_module
 from gcsstream.errors import Busy, Interrupted, UsageError
-from gcsstream.jobs import claim_entry
+from gcsstream.jobs import claim_entry, release
 from gcsstream.journal import (
     FinishedPart,
     Journal,
@@ -807,3 +807,44 @@ def test_a_composed_entry_keeps_its_leftover_parts_and_round_trips(tmp_path):
     for bad in ({"composed": -1}, {"composed": "77"}, {"composed": 77}):  # the last: a part runs
         with pytest.raises(ValueError, match="'composed' is not the generation"):
             JournalEntry.from_json(parallel_entry(bad), "0000000a")
+
+
+def _released_only_after_the_late_write(journal: _HeldWrites, entry_id: str, writer) -> None:
+    """The run is over and lets its entries go while a write outlasted the timeout: the lock is
+    kept until that write has landed, so no other process takes over an entry that is about to
+    be replaced by this run's older state."""
+    release(journal)
+    with pytest.raises(Busy):
+        claim_entry(Journal(journal.directory), entry_id)
+    journal.gate.set()
+    writer.wait()
+    other = Journal(journal.directory)
+    assert claim_entry(other, entry_id).persisted > 0  # the late write, then the lock let go
+    release(other)
+
+
+def test_a_run_that_stopped_keeps_its_lock_until_a_late_write_has_landed(tmp_path, monkeypatch):
+    # Found in review: flush() gave up after the timeout and the lock went with the run.
+    monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 0.1)
+    journal, recorder = _recorder(tmp_path)
+    assert recorder.entry is not None
+    recorder.persisted(262144, 7)
+    assert journal.writing.wait(5)
+    with pytest.raises(UsageError, match="has not finished"):
+        recorder.flush()
+    monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 10.0)
+    _released_only_after_the_late_write(journal, recorder.entry.id, recorder._writer)
+
+
+def test_a_parallel_run_keeps_its_lock_until_a_late_write_has_landed(tmp_path, monkeypatch):
+    # Found in review: close() gave up after the timeout and the lock went with the run.
+    monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 0.1)
+    journal = _HeldWrites(tmp_path / "state")
+    recorder = _parts_recorder(tmp_path, journal)
+    entry = recorder.started()
+    recorder.part_started(0, "http://127.0.0.1:9/upload?upload_id=a")
+    with pytest.raises(UsageError, match="has not finished"):
+        recorder.part_finished(0, PART, 7, 1)  # its write is held
+    recorder.close()
+    monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 10.0)
+    _released_only_after_the_late_write(journal, entry.id, recorder._writer)
