@@ -56,6 +56,7 @@ from gcsstream.progress import (
     say,
 )
 from gcsstream.redact import printable, redact
+from gcsstream.threads import leave_signals_to_the_main_thread
 
 if TYPE_CHECKING:  # each loads in the command that uses it: start-up (--help, completion) stays instant
     from gcsstream.engine import Uploader, UploadResult
@@ -1171,6 +1172,7 @@ def _discard_stdout() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map every failure to one line and its exit code."""
     _fill_standard_fds()
+    leave_signals_to_the_main_thread()  # this process is ours: a Ctrl-C wakes the main thread
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("GCSSTREAM_DEBUG") == "1"
     as_json = _wants_json(args)

@@ -648,13 +648,14 @@ class Journal:
         """Release an entry's lock; while a write of it is still in flight (one that outlasted
         ``JOURNAL_WRITE_TIMEOUT``), once that write has ended: another process that took the
         upload over meanwhile would have its entry replaced by this one's older state."""
-        writer = self._writers.pop(entry_id, None)
+        writer = self._writers.get(entry_id)
         if writer is not None:
             writer.when_done(lambda: self._unlock_now(entry_id))
         else:
             self._unlock_now(entry_id)
 
     def _unlock_now(self, entry_id: str) -> None:
+        self._writers.pop(entry_id, None)
         lock = self._locks.pop(entry_id, None)
         if lock is not None:
             lock.release(forget=not self._path(entry_id).exists())
@@ -960,8 +961,11 @@ class _BackgroundWriter:
                 thread = HelperThread(self._serve, name="gcsstream-journal")
                 try:
                     thread.start()
-                except BaseException:  # not started (interrupted, no threads left): nothing is in flight
-                    self._pending, self._busy = None, False
+                except BaseException:
+                    if thread.ident is None:  # not started (no threads left): nothing is in flight
+                        self._pending, self._busy = None, False
+                    else:  # interrupted once it had started: it serves the write
+                        self._thread = thread
                     raise
                 self._thread = thread
             self._cond.notify_all()

@@ -276,8 +276,12 @@ class _Workers:
         self._connect = connect
         self._jobs: queue.Queue[tuple[Callable[[HTTPTransport], Any], Future[Any]] | None] = queue.Queue()
         self._threads = [HelperThread(self._run, name=f"gcsstream-part-{i}") for i in range(n)]
-        for thread in self._threads:
-            thread.start()
+        try:
+            for thread in self._threads:
+                thread.start()
+        except BaseException:  # interrupted: the threads that did start end at once
+            self.close()
+            raise
 
     def submit(self, job: Callable[[HTTPTransport], T]) -> Future[T]:
         future: Future[T] = Future()

@@ -29,7 +29,7 @@ from gcsstream.events import (
     UploadFinished,
     UploadStarted,
 )
-from gcsstream.threads import HelperThread
+from gcsstream.threads import HelperThread, signals_held
 
 if TYPE_CHECKING:  # rich, the engine and the downloader are imported only when used
     from rich.console import Group
@@ -268,8 +268,13 @@ def _rich_display(state: ProgressState, stream: TextIO, verb: str) -> Iterator[N
     from rich.live import Live
 
     console = Console(file=stream, force_terminal=True)
-    with Live(_Display(state, verb), console=console, refresh_per_second=10, transient=True):
+    live = Live(_Display(state, verb), console=console, refresh_per_second=10, transient=True)
+    try:
+        with signals_held():  # its refresh thread, like ours, leaves signals to the main thread
+            live.start(refresh=True)
         yield
+    finally:
+        live.stop()
 
 
 @contextlib.contextmanager
@@ -300,12 +305,13 @@ def _plain_display(state: ProgressState, stream: TextIO, interval: float, done: 
                 next_status += interval
 
     thread = HelperThread(run, name="gcsstream-progress")
-    thread.start()
     try:
+        thread.start()
         yield
     finally:
         stop.set()
-        thread.join()
+        if thread.ident is not None:
+            thread.join()
         while state.announcements:
             line(f"{state.label}: {state.announcements.popleft()}")
 

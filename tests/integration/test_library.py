@@ -10,6 +10,8 @@ import io
 import itertools
 import os
 import shutil
+import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -471,3 +473,77 @@ def test_a_journaled_parallel_library_upload_resumes_after_retries_run_out(serve
     initiated = [r for r in server.requests if r.seq > start and r.kind == "initiate"]
     assert len(initiated) < 7  # the stored parts were not sent again
     assert list(state_dir.glob("*.json")) == []
+
+
+# -- a library's threads leave the caller's signal mask alone --------------------------------------
+
+
+def _blocks_sigint() -> bool:
+    return signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_a_child_the_callers_iterable_starts_can_be_stopped(server, opts):
+    # Found in review: the reader thread that runs the caller's iterable blocked SIGTERM, and a
+    # process the iterable started inherited that mask: terminate() did nothing to it.
+    children: list[subprocess.Popen] = []
+    masks: list[bool] = []
+
+    def pieces():
+        masks.append(_blocks_sigint())
+        children.append(subprocess.Popen(["sleep", "60"]))
+        yield b"x" * 10
+
+    data = b"x" * 10
+    gcsstream.upload(pieces(), f"gs://{BUCKET}/child", **opts)
+    assert_stored(server, BUCKET, "child", data)
+    (child,) = children
+    try:
+        child.terminate()
+        assert child.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+    assert masks == [False]
+
+
+def test_the_callers_progress_callback_runs_with_the_callers_signal_mask(server, opts):
+    masks: list[bool] = []
+    with gcsstream.open_upload(
+        f"gs://{BUCKET}/cb", progress=lambda e: masks.append(_blocks_sigint()), **opts
+    ) as up:
+        up.write(b"y" * 10)
+    assert_stored(server, BUCKET, "cb", b"y" * 10)
+    assert masks and not any(masks)
+
+
+def test_a_failed_upload_keeps_its_entry_locked_until_its_late_write_has_landed(
+    server, opts, tmp_path, monkeypatch
+):
+    # Found in review: the library released the run's locks twice, and the second release let go
+    # of the entry while a journal write that had outlasted its bound was still being made.
+    from gcsstream import journal as journal_module
+    from gcsstream.errors import Busy
+    from gcsstream.jobs import claim_entry
+    from gcsstream.journal import Journal
+
+    gate, writing = threading.Event(), threading.Event()
+    write = Journal.write
+
+    def held(self, entry):
+        if entry.persisted:
+            writing.set()
+            gate.wait(30)
+        write(self, entry)
+
+    monkeypatch.setattr(Journal, "write", held)
+    monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 0.2)
+    state = tmp_path / "state"
+    try:
+        with pytest.raises(gcsstream.GcsstreamError, match="has not finished"):
+            gcsstream.upload(os.urandom(4 * CHUNK), f"gs://{BUCKET}/late", journal=True, **opts)
+        assert writing.is_set()
+        (entry,) = Journal(state).entries()
+        with pytest.raises(Busy):
+            claim_entry(Journal(state), entry.id)
+    finally:
+        gate.set()
