@@ -823,6 +823,14 @@ def status(
 def abort(
     upload: UploadArg,
     credentials: CredentialsOpt = None,
+    forget: Annotated[
+        bool,
+        typer.Option(
+            "--forget",
+            help="Forget the upload even if the service refuses to cancel or delete what it left "
+            "(no permission, say); what is left is named.",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -836,17 +844,23 @@ def abort(
     found = jobs.find_upload(journal, upload, claim=True)
     entry, destination = found.entry, found.destination
     with _transport_for(entry, found.session_uri, credentials, by_uri=found.by_uri) as transport:
-        known = jobs.abort(journal, found, Uploader(transport))
+        outcome = jobs.abort(journal, found, Uploader(transport), forget=forget)
     what = entry.id if entry else "the session"
     if json_output:
         summary = {
             "upload": entry.id if entry else "session",
             "destination": str(destination),
-            "aborted": known,
+            "aborted": outcome.known and outcome.left is None,
+            **({"left": redact(outcome.left)} if outcome.left else {}),
         }
         print(json.dumps(summary), flush=True)
         return
-    say(f"aborted {what} ({printable(str(destination))})" if known else f"{what} was already gone; forgotten")
+    if outcome.left:
+        say(f"forgot {what} ({printable(str(destination))}); {redact(outcome.left)}")
+    elif outcome.known:
+        say(f"aborted {what} ({printable(str(destination))})")
+    else:
+        say(f"{what} was already gone; forgotten")
 
 
 # -- helpers ------------------------------------------------------------------------------------

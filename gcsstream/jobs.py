@@ -26,6 +26,7 @@ from gcsstream.errors import (
     Interrupted,
     NotFoundError,
     PrefixMismatch,
+    ServiceError,
     TransientError,
     UsageError,
 )
@@ -397,8 +398,10 @@ class UploadPlan:
                 from gcsstream.parallel import discard_parts
 
                 try:
-                    discard_parts(entry, uploader)
+                    _, left = discard_parts(entry, uploader)
                 except GcsstreamError:
+                    continue
+                if left:
                     continue  # its parts are objects: kept in its entry, for `abort`
             else:
                 with contextlib.suppress(GcsstreamError):
@@ -699,19 +702,50 @@ def prune(
             yield Pruned(entry, forgotten=False, state=state)
 
 
-def abort(journal: Journal, found: Found, uploader: Uploader) -> bool:
-    """Cancel an upload on the service and forget its journal; False if it was already gone.
-    A parallel upload's sessions are cancelled and its temporary objects deleted."""
-    if found.entry is not None and found.entry.is_parallel:
-        from gcsstream.parallel import discard_parts
+@dataclass
+class Aborted:
+    """What ``abort`` did: whether the service still knew the upload, and, for one forgotten
+    although the service refused part of the abort (``forget``), what is left there."""
 
-        known = discard_parts(found.entry, uploader)
-        journal.remove(found.entry.id)
-        return known
-    known = uploader.cancel(found.session_uri, found.destination)
-    if found.entry is not None:
-        journal.remove(found.entry.id)
-    return known
+    known: bool
+    left: str | None = None
+
+
+def abort(journal: Journal, found: Found, uploader: Uploader, *, forget: bool = False) -> Aborted:
+    """Cancel an upload on the service and forget its journal. A parallel upload's sessions are
+    cancelled and its temporary objects deleted. What the service refuses keeps the entry, for
+    another try (the error says so), unless ``forget``: then the entry goes, and ``left`` says
+    what is left there (a session expires within a week; temporary objects stay until deleted)."""
+    entry = found.entry
+    if entry is not None and entry.is_parallel:
+        from gcsstream.parallel import NAMED_LEFTOVERS, discard_parts
+
+        known, left = discard_parts(entry, uploader)
+        if left:
+            more = len(left) - NAMED_LEFTOVERS
+            shown = ", ".join(left[:NAMED_LEFTOVERS]) + (f" and {more} more" if more > 0 else "")
+            what = (
+                f"{len(left)} of the temporary objects or sessions of upload {entry.id} could not be "
+                f"deleted: {shown}"
+            )
+            if not forget:
+                raise ServiceError(
+                    f"{what}; it is kept: run `gcsstream abort {entry.id}` again, or with --forget to "
+                    "forget it and leave them"
+                )
+            journal.remove(entry.id)
+            return Aborted(True, f"{what}; delete them")
+    else:
+        try:
+            known = uploader.cancel(found.session_uri, found.destination)
+        except GcsstreamError as exc:
+            if not forget or entry is None:
+                raise
+            journal.remove(entry.id)
+            return Aborted(True, f"{exc}; the session was left open (it expires within a week)")
+    if entry is not None:
+        journal.remove(entry.id)
+    return Aborted(known)
 
 
 def entry_summary(entry: JournalEntry) -> dict[str, Any]:

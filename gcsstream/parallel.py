@@ -119,7 +119,7 @@ T = TypeVar("T")
 MAX_COMPOSE_SOURCES = 32
 #: Said of a parallel upload without a journal that stops short.
 NOT_RESUMABLE = "a parallel upload without a journal cannot be resumed: run it again"
-_NAMED = 10  # temporary objects named one by one in the line about leftovers; then a count
+NAMED_LEFTOVERS = 10  # temporary objects named one by one in the line about leftovers; then a count
 _POLL = 0.5  # seconds between checks while the reader waits (each wait is bounded)
 #: Seconds a failed or interrupted run gives its workers to end once their sessions are cancelled.
 _STOP_GRACE = 2.0
@@ -1215,10 +1215,10 @@ class _Run:
         if not left:
             return ""
         names = list(left)
-        shown = ", ".join(f"gs://{self.destination.bucket}/{name}" for name in names[:_NAMED])
+        shown = ", ".join(f"gs://{self.destination.bucket}/{name}" for name in names[:NAMED_LEFTOVERS])
         more = (
-            f" and {len(names) - _NAMED} more under gs://{self.destination.bucket}/{self.prefix}"
-            if len(names) > _NAMED
+            f" and {len(names) - NAMED_LEFTOVERS} more under gs://{self.destination.bucket}/{self.prefix}"
+            if len(names) > NAMED_LEFTOVERS
             else ""
         )
         return (
@@ -1365,7 +1365,7 @@ class _Run:
             lambda _: self._exchange(self.transport, "GET", url, None, what), what, CLEANUP_RETRY_DEADLINE
         )
 
-    def discard(self) -> bool:
+    def discard(self) -> tuple[bool, list[str]]:
         """``discard_parts``: every session of the resumed entry cancelled, every object under
         its prefix deleted (by generation)."""
         entry = self.resumed
@@ -1385,12 +1385,7 @@ class _Run:
             why = self._delete(self.transport, self._listed_piece(name, generation))
             if why is not None:
                 left.append(f"gs://{bucket}/{name} ({why})")
-        if left:
-            raise ServiceError(
-                f"{len(left)} of the temporary objects or sessions of upload {entry.id} could not be "
-                f"deleted: {', '.join(left[:_NAMED])}; it is kept: run `gcsstream abort {entry.id}` again"
-            )
-        return known
+        return known, left
 
     # -- failures -------------------------------------------------------------------------------
 
@@ -1453,9 +1448,9 @@ def _check_horizon(entry: JournalEntry) -> int:
     return max(checked, default=-1)
 
 
-def discard_parts(entry: JournalEntry, uploader: Uploader) -> bool:
-    """Cancel a journaled parallel upload's sessions and delete its temporary objects (``abort``);
-    False if nothing of it was left. ``ServiceError`` names what could not be deleted."""
+def discard_parts(entry: JournalEntry, uploader: Uploader) -> tuple[bool, list[str]]:
+    """Cancel a journaled parallel upload's sessions and delete its temporary objects (``abort``):
+    whether anything of it was left, and what could not be cancelled or deleted (with why)."""
     transport = uploader.transport
     owner = ParallelUploader(
         lambda: transport,

@@ -524,6 +524,29 @@ def test_status_abort_and_bare_session_uri(server, env, tmp_path):
     assert aborted["id"] not in ids
 
 
+def test_abort_refused_by_the_service_keeps_the_session_and_forget_drops_it(server, env, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * CHUNK + 1))
+    server.faults.add(Fault("stall", on="chunk", nth=2, seconds=300))
+    proc = gcs(f"put --chunk-size {CHUNK} - gs://{BUCKET}/kept", env, src)
+    server.wait_for_request(lambda r: r.kind == "chunk" and r.fault is not None, 60)
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc, timeout=60)[0] == 130
+    entry = only_session(env)
+    server.faults = FaultPlan()
+    server.faults.add(Fault("status", on="cancel", status=403, times=1000))
+    code, _, err = finish(gcs(f"abort {entry['id']}", env))
+    assert code == 4 and journals(env) == [entry["id"]], err  # 403: AuthError
+    code, out, err = finish(gcs(f"abort {entry['id']} --forget", env))
+    assert code == 0, err
+    line = unstamped(err).strip()
+    assert line.startswith(f"gcsstream: forgot {entry['id']} (gs://{BUCKET}/kept); "), line
+    assert line.endswith("; the session was left open (it expires within a week)"), line
+    assert journals(env) == []
+    (held,) = [s for s in server.sessions() if not s.finalized]
+    assert not held.cancelled and held.upload_id not in out + err
+
+
 def test_prune_forgets_sessions_the_service_no_longer_knows(server, env, tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(3 * CHUNK))

@@ -340,6 +340,46 @@ def test_abort_deletes_the_parts_and_forgets_the_upload(server, env, tmp_path):
     assert len(journaled) == len(running) and all(s.cancelled or s.finalized for s in journaled)
 
 
+def test_abort_refused_by_the_service_keeps_the_upload_and_forget_drops_it(server, env, tmp_path):
+    """An account that may not delete: abort keeps the entry and says how to drop it; --forget
+    drops it and names what is left, which stays as it is."""
+    _, _, upload = _killed_with_parts(server, env, tmp_path, "refused")
+    server.faults.add(Fault("status", on="delete", status=403, times=1000))
+    objects = server.list_objects(BUCKET)
+    code, _, err = finish(gcs(f"abort {upload}", env))
+    assert code == 1, err
+    assert f"it is kept: run `gcsstream abort {upload}` again, or with --forget" in err
+    assert journals(env) == [upload] and server.list_objects(BUCKET) == objects
+    code, out, err = finish(gcs(f"abort {upload} --forget --json", env))
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["upload"] == upload and summary["aborted"] is False
+    assert (
+        f"of upload {upload} could not be deleted: gs://{BUCKET}/refused.gcsstream-parts/{upload}/"
+        in summary["left"]
+    )
+    assert journals(env) == [] and server.list_objects(BUCKET) == objects
+    server.faults = FaultPlan()
+    code, _, err = finish(gcs(f"abort {upload}", env))
+    assert code == 5 and "no unfinished upload" in err, err
+
+
+def test_restart_keeps_an_old_upload_whose_parts_it_may_not_delete(server, env, tmp_path):
+    src = tmp_path / "src.bin"
+    data = make_input(src, random.Random("restarted"), 12, PART)
+    start = last_seq(server)
+    proc = gcs(f"put {options()} {src} gs://{BUCKET}/restarted", env)
+    wait_for_stored_parts(server, 3, start)
+    kill(proc)
+    upload = the_upload(env)
+    server.faults.add(Fault("status", on="delete", status=403, times=1000, name_like=f"*/{upload}/*"))
+    code, _, err = finish(gcs(f"put {options()} --restart {src} gs://{BUCKET}/restarted", env))
+    assert code == 0, err
+    assert_stored(server, BUCKET, "restarted", data)
+    assert any(r.kind == "delete" and r.status == 403 for r in server.requests)
+    assert upload in journals(env)  # kept, with its parts, for `abort`
+
+
 def _as_if_stored_unheard(env, upload: str) -> tuple[int, str]:
     """As if the killed run's last request of a stored part had created it unheard and its
     session had since expired (a week later): the journal has the part as running, on a
