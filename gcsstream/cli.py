@@ -1016,7 +1016,7 @@ def _resumable(recorder: JournalRecorder | PartsRecorder | None, run: Callable[[
         return run()
     except KeyboardInterrupt:
         raise jobs.stopped(Interrupted, "interrupted", recorder) from None
-    except _SigTerm as stop:
+    except _Signalled as stop:
         error, word = _STOPPED_BY[stop.signum]
         raise jobs.stopped(error, word, recorder) from None
     except TransientError as exc:
@@ -1076,39 +1076,54 @@ def _log_http() -> None:
     debuglog.install()
 
 
-class _SigTerm(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
-    """Raised in the main thread on SIGTERM or SIGHUP, so that an upload stops as cleanly as on Ctrl-C."""
+class _Signalled(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """Raised in the main thread on SIGINT, SIGTERM or SIGHUP, so that an upload stops cleanly.
+
+    Not a ``KeyboardInterrupt`` for SIGINT either: typer turns one that leaves a command into a
+    silent exit 130, and the message saying how to continue would be lost.
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
-#: The error and the word for an upload stopped by each signal that ``_SigTerm`` stands for.
+#: The error and the word for an upload stopped by each signal that ``_Signalled`` stands for.
 _STOPPED_BY: dict[int, tuple[type[Interrupted], str]] = {
+    signal.SIGINT: (Interrupted, "interrupted"),
     signal.SIGTERM: (Terminated, "terminated"),
     signal.SIGHUP: (HungUp, "hung up"),
 }
 
+_stopping = False
 
-def _raise_sigterm(signum: int, frame: object) -> None:
-    raise _SigTerm(signum)
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    """The first stop signal stops the run; the ones after it (``timeout`` signals the command
+    and then its process group; an impatient second Ctrl-C) are let go, so that they cannot cut
+    short the stop's bounded cleanup and the line that says how to continue."""
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    raise _Signalled(signum)
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _stop_signals() -> Iterator[None]:
     # A signal the parent chose to ignore stays ignored: `nohup gcsstream put ...` must survive
-    # the terminal hanging up.
+    # the terminal hanging up, and `gcsstream put ... &` in a script ignores Ctrl-C.
     previous = {
-        signum: signal.signal(signum, _raise_sigterm)
+        signum: signal.signal(signum, _on_stop_signal)
         for signum in _STOPPED_BY
         if signal.getsignal(signum) is not signal.SIG_IGN
     }
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        if not _stopping:  # once stopping, later signals stay let go until the process exits
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _fail(
@@ -1191,7 +1206,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("GCSSTREAM_DEBUG") == "1"
     as_json = _wants_json(args)
     try:
-        with _sigterm_raises():
+        with _stop_signals():
             rv = app(args=args, prog_name="gcsstream", standalone_mode=False)
     except (OutputClosed, BrokenPipeError):  # cat | head: stop at once, quietly
         _discard_stdout()
@@ -1208,7 +1223,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()} (see '{where} --help')", UsageError.exit_code, debug, as_json=as_json)
     except KeyboardInterrupt:
         _fail("interrupted", Interrupted.exit_code, debug, as_json=as_json)
-    except _SigTerm as stop:
+    except _Signalled as stop:
         error, word = _STOPPED_BY[stop.signum]
         _fail(word, error.exit_code, debug, as_json=as_json)
     except Exception as exc:  # a bug: still one line, the traceback with --debug

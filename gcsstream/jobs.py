@@ -720,7 +720,15 @@ def abort(journal: Journal, found: Found, uploader: Uploader, *, forget: bool = 
     if entry is not None and entry.is_parallel:
         from gcsstream.parallel import NAMED_LEFTOVERS, discard_parts
 
-        known, left = discard_parts(entry, uploader)
+        try:
+            known, left = discard_parts(entry, uploader)
+        except GcsstreamError as exc:  # its temporary objects could not even be listed
+            if not forget:
+                exc.upload_id = entry.id
+                raise
+            journal.remove(entry.id)
+            prefix = f"gs://{found.destination.bucket}/{found.destination.parts_prefix(entry.id)}"
+            return Aborted(True, f"{exc}; what it left under {prefix} is not known: delete it")
         if left:
             more = len(left) - NAMED_LEFTOVERS
             shown = ", ".join(left[:NAMED_LEFTOVERS]) + (f" and {more} more" if more > 0 else "")
@@ -729,10 +737,12 @@ def abort(journal: Journal, found: Found, uploader: Uploader, *, forget: bool = 
                 f"deleted: {shown}"
             )
             if not forget:
-                raise ServiceError(
+                refused = ServiceError(
                     f"{what}; it is kept: run `gcsstream abort {entry.id}` again, or with --forget to "
                     "forget it and leave them"
                 )
+                refused.upload_id = entry.id
+                raise refused
             journal.remove(entry.id)
             return Aborted(True, f"{what}; delete them")
     else:
@@ -740,6 +750,8 @@ def abort(journal: Journal, found: Found, uploader: Uploader, *, forget: bool = 
             known = uploader.cancel(found.session_uri, found.destination)
         except GcsstreamError as exc:
             if not forget or entry is None:
+                if entry is not None:
+                    exc.upload_id = entry.id
                 raise
             journal.remove(entry.id)
             return Aborted(True, f"{exc}; the session was left open (it expires within a week)")

@@ -19,6 +19,7 @@ import stat
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import google_crc32c
@@ -362,6 +363,39 @@ def test_signals_go_to_the_main_thread_only(server, env, tmp_path, mode):
     rc, _, err = finish(gcs(f"resume {entry['id']} -", env, src))
     assert rc == 0, err
     assert_stored(server, BUCKET, "masked", src.read_bytes())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("json_output", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("gap", [0.0, 0.002, 0.01])
+def test_a_second_signal_does_not_lose_the_resume_command(server, env, tmp_path, sig, json_output, gap):
+    # Found by a new user: `timeout -s INT` signals the command, then its process group, so the
+    # second signal came while the first was being handled; typer turned its KeyboardInterrupt
+    # into a silent exit 130 (nothing on stderr, no JSON), a second SIGTERM dropped the command.
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(4 * CHUNK))
+    server.faults.add(Fault("stall", on="chunk", nth=2, seconds=300))
+    json_flag = " --json" if json_output else ""
+    proc = gcs(f"put --chunk-size {CHUNK}{json_flag} - gs://{BUCKET}/twice", env, src)
+    server.wait_for_request(lambda r: r.kind == "chunk" and r.fault is not None, 60)
+    proc.send_signal(sig)
+    time.sleep(gap)  # not a wait for anything: the second signal comes while the first is handled
+    proc.send_signal(sig)
+    rc, out, err = finish(proc, timeout=60)
+    entry = only_session(env)
+    # A signal that comes as Python itself finalizes ends the process by that signal, which a
+    # shell (and `timeout --preserve-status`) reports as the same code, 128 + the signal.
+    assert rc in (128 + sig, -sig), err
+    assert f"continue with: ... | gcsstream resume {entry['id']} -" in err, err
+    if json_output:
+        summary = json.loads(out)
+        assert summary["upload"] == entry["id"] and summary["resume"].endswith(
+            f"gcsstream resume {entry['id']} -"
+        )
+    server.faults = FaultPlan()
+    rc, _, err = finish(gcs(f"resume {entry['id']} -", env, src))
+    assert rc == 0, err
+    assert_stored(server, BUCKET, "twice", src.read_bytes())
 
 
 def test_retries_exhausted_prints_the_resume_command_and_file_resumes_by_id(server, env, tmp_path):

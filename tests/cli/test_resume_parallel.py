@@ -364,6 +364,24 @@ def test_abort_refused_by_the_service_keeps_the_upload_and_forget_drops_it(serve
     assert code == 5 and "no unfinished upload" in err, err
 
 
+def test_abort_forget_drops_an_upload_whose_parts_cannot_even_be_listed(server, env, tmp_path):
+    # Found by a new user: --forget forgot a one-stream upload the service could not be asked
+    # about, but not a parallel one (listing its parts failed first).
+    _, _, upload = _killed_with_parts(server, env, tmp_path, "unlisted")
+    server.faults.add(Fault("status", on="list", status=403, times=1000))
+    objects = server.list_objects(BUCKET)
+    code, out, err = finish(gcs(f"abort {upload} --json", env))
+    assert code == 4 and journals(env) == [upload], err
+    assert json.loads(out)["upload"] == upload  # the failure names the upload it kept
+    code, out, err = finish(gcs(f"abort {upload} --forget --json", env))
+    assert code == 0, err
+    left = json.loads(out)["left"]
+    assert left.endswith(
+        f"what it left under gs://{BUCKET}/unlisted.gcsstream-parts/{upload}/ is not known: delete it"
+    )
+    assert journals(env) == [] and server.list_objects(BUCKET) == objects
+
+
 def test_restart_keeps_an_old_upload_whose_parts_it_may_not_delete(server, env, tmp_path):
     src = tmp_path / "src.bin"
     data = make_input(src, random.Random("restarted"), 12, PART)

@@ -212,12 +212,18 @@ def test_an_offset_waiting_for_the_disk_is_not_yet_the_entrys(tmp_path):
     assert journal.load(recorder.entry.id).persisted == recorder.entry.persisted == 524288
 
 
-def test_a_write_that_outlasts_the_timeout_does_not_bring_a_finished_entry_back(tmp_path, monkeypatch):
+def _writing_late(tmp_path, monkeypatch) -> tuple[_HeldWrites, JournalRecorder]:
+    """A recorder whose write of a confirmed offset is held past a 0.1 s bound."""
     monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 0.1)
     journal, recorder = _recorder(tmp_path)
     assert recorder.entry is not None
     recorder.persisted(262144, 7)
     assert journal.writing.wait(5)
+    return journal, recorder
+
+
+def test_a_write_that_outlasts_the_timeout_does_not_bring_a_finished_entry_back(tmp_path, monkeypatch):
+    journal, recorder = _writing_late(tmp_path, monkeypatch)
     recorder.finished()  # gives up waiting; the lock stays held until the write has ended
     with pytest.raises(Busy):
         claim_entry(Journal(tmp_path / "state"), recorder.entry.id)
@@ -825,11 +831,8 @@ def _released_only_after_the_late_write(journal: _HeldWrites, entry_id: str, wri
 
 def test_a_run_that_stopped_keeps_its_lock_until_a_late_write_has_landed(tmp_path, monkeypatch):
     # Found in review: flush() gave up after the timeout and the lock went with the run.
-    monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 0.1)
-    journal, recorder = _recorder(tmp_path)
+    journal, recorder = _writing_late(tmp_path, monkeypatch)
     assert recorder.entry is not None
-    recorder.persisted(262144, 7)
-    assert journal.writing.wait(5)
     with pytest.raises(UsageError, match="has not finished"):
         recorder.flush()
     monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 10.0)
