@@ -96,13 +96,15 @@ def load_credentials(
 
 
 class RateLimiter:
-    """A token bucket: at most ``rate`` bytes a second on average, bursts of one second's worth."""
+    """A token bucket: at most ``rate`` bytes a second on average, bursts of one second's worth
+    after a pause. It starts empty: a full one let the first second carry twice the cap (a 100 MiB
+    upload at 20M averaged 24 MiB/s)."""
 
     def __init__(self, rate: float) -> None:
         if rate <= 0:
             raise UsageError("the rate limit must be positive")
         self.rate = rate
-        self._tokens = rate
+        self._tokens = 0.0
         self._last = time.monotonic()
         self._lock = threading.Lock()
 

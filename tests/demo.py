@@ -39,6 +39,9 @@ def main() -> int:
                 **os.environ,
                 "STORAGE_EMULATOR_HOST": emulator.url,
                 "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                # The demo's journal and its record of the finished upload go with the demo,
+                # not into the user's own state directory.
+                "GCSSTREAM_STATE_DIR": str(work / "state"),
             }
             print(
                 f"# fake-gcs-server is listening on {emulator.url} (STORAGE_EMULATOR_HOST); bucket gs://demo-bucket"

@@ -163,14 +163,14 @@ def test_limit_rate_holds_against_the_wall_clock(server, env, tmp_path):
     puts = [q for q in server.requests if q.kind in ("chunk", "final") and q.name == "rate"]
     assert sum(q.bytes_received for q in puts) >= size
     # Measured by the server, from the first chunk request's arrival to the last one's answer:
-    # interpreter start-up and the session's initiation are left out. The bucket holds one
-    # second's worth, so the upload cannot take less than (size - rate) / rate = 2 s. The upper
-    # bound leaves 1.6 s (80%) for a loaded 2-core machine: the limiter's sleeps make up their own
-    # overshoot, and moving 6 MiB over loopback takes milliseconds. A limiter off by 2x fails:
-    # at half the rate (and half the burst) it takes 2 * 2 + 1 = 5 s, at twice the rate 0.5 s.
-    # (Measured here: 2.00-2.02 s, also beside four busy-looping processes; 5.0 s at 1M, 0.5 s at 4M.)
+    # interpreter start-up and the session's initiation are left out. The bucket starts empty
+    # (found by a new user: a full one let the first second carry twice the cap), so the upload
+    # cannot take less than size / rate = 3 s. The upper bound leaves 1.9 s for a loaded 2-core
+    # machine: the limiter's sleeps make up their own overshoot, and moving 6 MiB over loopback
+    # takes milliseconds. A limiter off by 2x fails: at half the rate it takes 6 s, at twice the
+    # rate 1.5 s; one starting full takes 2 s.
     elapsed = max(q.finished for q in puts) - min(q.started for q in puts)
-    minimum = (size - rate) / rate
+    minimum = size / rate
     assert minimum * 0.85 <= elapsed <= minimum * 1.3 + 1.0, f"{elapsed:.2f} s for {size} bytes at {rate} B/s"
     # The pacing is within each request body, not only between requests: once the burst is spent,
     # a 1 MiB chunk takes chunk / rate = 0.5 s to arrive.
