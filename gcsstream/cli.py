@@ -20,13 +20,12 @@ from typer.exceptions import TyperException
 
 from gcsstream import __version__
 from gcsstream.errors import (
+    STOPPED_BY,
     Busy,
     GcsstreamError,
-    HungUp,
     Interrupted,
     OutputClosed,
     SinkError,
-    Terminated,
     TransientError,
     UsageError,
 )
@@ -1017,7 +1016,7 @@ def _resumable(recorder: JournalRecorder | PartsRecorder | None, run: Callable[[
     except KeyboardInterrupt:
         raise jobs.stopped(Interrupted, "interrupted", recorder) from None
     except _Signalled as stop:
-        error, word = _STOPPED_BY[stop.signum]
+        error, word = STOPPED_BY[stop.signum]
         raise jobs.stopped(error, word, recorder) from None
     except TransientError as exc:
         raise jobs.stopped(TransientError, str(exc), recorder) from None
@@ -1088,13 +1087,6 @@ class _Signalled(BaseException):  # noqa: N818 - a signal, like KeyboardInterrup
         self.signum = signum
 
 
-#: The error and the word for an upload stopped by each signal that ``_Signalled`` stands for.
-_STOPPED_BY: dict[int, tuple[type[Interrupted], str]] = {
-    signal.SIGINT: (Interrupted, "interrupted"),
-    signal.SIGTERM: (Terminated, "terminated"),
-    signal.SIGHUP: (HungUp, "hung up"),
-}
-
 _stopping = False
 
 
@@ -1115,7 +1107,7 @@ def _stop_signals() -> Iterator[None]:
     # the terminal hanging up, and `gcsstream put ... &` in a script ignores Ctrl-C.
     previous = {
         signum: signal.signal(signum, _on_stop_signal)
-        for signum in _STOPPED_BY
+        for signum in STOPPED_BY
         if signal.getsignal(signum) is not signal.SIG_IGN
     }
     try:
@@ -1224,7 +1216,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _fail("interrupted", Interrupted.exit_code, debug, as_json=as_json)
     except _Signalled as stop:
-        error, word = _STOPPED_BY[stop.signum]
+        error, word = STOPPED_BY[stop.signum]
         _fail(word, error.exit_code, debug, as_json=as_json)
     except Exception as exc:  # a bug: still one line, the traceback with --debug
         hint = "" if debug else " (run with --debug for a traceback)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from typing import Any
 
 from gcsstream.redact import redact
@@ -107,6 +108,14 @@ class HungUp(Interrupted):
     """Stopped by SIGHUP (the terminal went away); the upload session is left open to be resumed."""
 
     exit_code = 129
+
+
+#: The error and the word for a run stopped by each signal that stops one cleanly.
+STOPPED_BY: dict[int, tuple[type[Interrupted], str]] = {
+    signal.SIGINT: (Interrupted, "interrupted"),
+    signal.SIGTERM: (Terminated, "terminated"),
+    signal.SIGHUP: (HungUp, "hung up"),
+}
 
 
 class Busy(GcsstreamError):

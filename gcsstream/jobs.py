@@ -716,45 +716,39 @@ def abort(journal: Journal, found: Found, uploader: Uploader, *, forget: bool = 
     cancelled and its temporary objects deleted. What the service refuses keeps the entry, for
     another try (the error says so), unless ``forget``: then the entry goes, and ``left`` says
     what is left there (a session expires within a week; temporary objects stay until deleted)."""
-    entry = found.entry
-    if entry is not None and entry.is_parallel:
-        from gcsstream.parallel import NAMED_LEFTOVERS, discard_parts
+    from gcsstream.parallel import discard_parts, name_leftovers
 
-        try:
-            known, left = discard_parts(entry, uploader)
-        except GcsstreamError as exc:  # its temporary objects could not even be listed
-            if not forget:
+    entry = found.entry
+    try:
+        if entry is not None and entry.is_parallel:
+            known, undeleted = discard_parts(entry, uploader)
+        else:
+            known, undeleted = uploader.cancel(found.session_uri, found.destination), []
+    except GcsstreamError as exc:  # the session, or a parallel upload's listing, refused
+        if not forget or entry is None:
+            if entry is not None:
                 exc.upload_id = entry.id
-                raise
-            journal.remove(entry.id)
+            raise
+        journal.remove(entry.id)
+        if entry.is_parallel:
             prefix = f"gs://{found.destination.bucket}/{found.destination.parts_prefix(entry.id)}"
             return Aborted(True, f"{exc}; what it left under {prefix} is not known: delete it")
-        if left:
-            more = len(left) - NAMED_LEFTOVERS
-            shown = ", ".join(left[:NAMED_LEFTOVERS]) + (f" and {more} more" if more > 0 else "")
-            what = (
-                f"{len(left)} of the temporary objects or sessions of upload {entry.id} could not be "
-                f"deleted: {shown}"
+        return Aborted(True, f"{exc}; the session was left open (it expires within a week)")
+    if undeleted:
+        assert entry is not None
+        what = (
+            f"{len(undeleted)} of the temporary objects or sessions of upload {entry.id} could not be "
+            f"deleted: {name_leftovers(undeleted)}"
+        )
+        if not forget:
+            refused = ServiceError(
+                f"{what}; it is kept: run `gcsstream abort {entry.id}` again, or with --forget to "
+                "forget it and leave them"
             )
-            if not forget:
-                refused = ServiceError(
-                    f"{what}; it is kept: run `gcsstream abort {entry.id}` again, or with --forget to "
-                    "forget it and leave them"
-                )
-                refused.upload_id = entry.id
-                raise refused
-            journal.remove(entry.id)
-            return Aborted(True, f"{what}; delete them")
-    else:
-        try:
-            known = uploader.cancel(found.session_uri, found.destination)
-        except GcsstreamError as exc:
-            if not forget or entry is None:
-                if entry is not None:
-                    exc.upload_id = entry.id
-                raise
-            journal.remove(entry.id)
-            return Aborted(True, f"{exc}; the session was left open (it expires within a week)")
+            refused.upload_id = entry.id
+            raise refused
+        journal.remove(entry.id)
+        return Aborted(True, f"{what}; delete them")
     if entry is not None:
         journal.remove(entry.id)
     return Aborted(known)

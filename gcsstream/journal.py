@@ -986,11 +986,9 @@ class _BackgroundWriter:
         """Run ``then`` once no write is in flight: now, or when a write that outlasted the
         timeout ends (on the writer's thread). Errors of the last write are dropped."""
         with self._cond:
-            if not self._cond.wait_for(lambda: not self._busy, timeout=JOURNAL_WRITE_TIMEOUT):
-                self._then.append(then)
-                return
-            self._error = None
-        then()
+            if self._cond.wait_for(lambda: not self._busy, timeout=JOURNAL_WRITE_TIMEOUT):
+                self._error = None
+        self.when_done(then)
 
     def when_done(self, then: Callable[[], None]) -> None:
         """Run ``then`` now if no write is in flight, else when it ends (on the writer's thread)."""

@@ -56,9 +56,9 @@ import requests
 from gcsstream.checksums import crc32c_combine, crc32c_extend, decode_crc32c, encode_crc32c
 from gcsstream.engine import Resume, Uploader, UploadResult
 from gcsstream.errors import (
+    STOPPED_BY,
     AuthError,
     GcsstreamError,
-    HungUp,
     IntegrityError,
     Interrupted,
     NotFoundError,
@@ -66,7 +66,6 @@ from gcsstream.errors import (
     PrefixMismatch,
     ServiceError,
     SourceError,
-    Terminated,
     TransientError,
     UsageError,
     error_for_status,
@@ -119,7 +118,7 @@ T = TypeVar("T")
 MAX_COMPOSE_SOURCES = 32
 #: Said of a parallel upload without a journal that stops short.
 NOT_RESUMABLE = "a parallel upload without a journal cannot be resumed: run it again"
-NAMED_LEFTOVERS = 10  # temporary objects named one by one in the line about leftovers; then a count
+_NAMED = 10  # temporary objects named one by one in the line about leftovers; then a count
 _POLL = 0.5  # seconds between checks while the reader waits (each wait is bounded)
 #: Seconds a failed or interrupted run gives its workers to end once their sessions are cancelled.
 _STOP_GRACE = 2.0
@@ -1215,15 +1214,13 @@ class _Run:
         if not left:
             return ""
         names = list(left)
-        shown = ", ".join(f"gs://{self.destination.bucket}/{name}" for name in names[:NAMED_LEFTOVERS])
-        more = (
-            f" and {len(names) - NAMED_LEFTOVERS} more under gs://{self.destination.bucket}/{self.prefix}"
-            if len(names) > NAMED_LEFTOVERS
-            else ""
+        shown = name_leftovers(
+            [f"gs://{self.destination.bucket}/{name}" for name in names],
+            f" under gs://{self.destination.bucket}/{self.prefix}",
         )
         return (
             f"{len(names)} temporary object(s) of this upload could not be deleted "
-            f"({next(iter(left.values()))}): {shown}{more}; delete them"
+            f"({next(iter(left.values()))}): {shown}; delete them"
         )
 
     def _clean(
@@ -1441,6 +1438,12 @@ def _crc32c_of(pieces: list[Chunk], length: int | None = None) -> tuple[int, int
     return crc, have
 
 
+def name_leftovers(items: list[str], where: str = "") -> str:
+    """What is left, for a message: the first ``_NAMED`` items, then a count (``where`` they are)."""
+    more = len(items) - _NAMED
+    return ", ".join(items[:_NAMED]) + (f" and {more} more{where}" if more > 0 else "")
+
+
 def _check_horizon(entry: JournalEntry) -> int:
     """The last part a resume checks against the journal before it sends anything: the last one
     stored, or running with bytes its session confirmed (-1: none)."""
@@ -1475,9 +1478,4 @@ def _stopped_by(exc: BaseException) -> tuple[type[Interrupted], str] | None:
     """A signal that stopped the caller's thread: Ctrl-C (KeyboardInterrupt), or an exception
     carrying ``signum`` (the command line raises one for SIGTERM and SIGHUP)."""
     signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else getattr(exc, "signum", None)
-    stopped: dict[int, tuple[type[Interrupted], str]] = {
-        signal.SIGINT: (Interrupted, "interrupted"),
-        signal.SIGTERM: (Terminated, "terminated"),
-        signal.SIGHUP: (HungUp, "hung up"),
-    }
-    return stopped.get(signum) if isinstance(signum, int) else None
+    return STOPPED_BY.get(signum) if isinstance(signum, int) else None

@@ -14,7 +14,7 @@ from gcsstream import cli
 @pytest.fixture
 def handlers(monkeypatch):
     monkeypatch.setattr(cli, "_stopping", False)
-    saved = {signum: signal.getsignal(signum) for signum in cli._STOPPED_BY}
+    saved = {signum: signal.getsignal(signum) for signum in cli.STOPPED_BY}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
