@@ -34,6 +34,7 @@ from gcsstream.errors import (
     service_message,
 )
 from gcsstream.events import (
+    BytesSent,
     ChunkPersisted,
     ChunkSending,
     EventCallback,
@@ -64,7 +65,7 @@ from gcsstream.session import (
 )
 from gcsstream.sources import ChunkSource
 from gcsstream.transport import HTTPTransport
-from gcsstream.window import ChunkWindow
+from gcsstream.window import ChunkWindow, StreamedBody
 
 T = TypeVar("T")
 
@@ -304,9 +305,13 @@ class Uploader:
                 if session.finished:
                     return  # the final chunk had arrived; only its answer was lost
             request = session.prepare_chunk()
-            size = len(request[2] or b"")
+            payload = request[2]
+            size = len(payload or b"")
             before = session.bytes_uploaded
-            self._emit(ChunkSending(before, before + size))
+            if isinstance(payload, StreamedBody):  # progress as its pieces go out
+                payload.observer = lambda end: self._emit(BytesSent(end))
+            else:
+                self._emit(ChunkSending(before, before + size))
             session.process_chunk(self._send(request, destination), size)
         except UnreadableAnswer as exc:  # the object may exist: ask the session again
             raise Retryable(str(exc)) from None

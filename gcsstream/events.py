@@ -34,6 +34,14 @@ class ChunkSending:
 
 
 @dataclass(frozen=True)
+class BytesSent:
+    """A streamed request (one for most of a regular file) has handed its bytes up to ``end`` to
+    the network: progress within one long request, ahead of the service's confirmation."""
+
+    end: int
+
+
+@dataclass(frozen=True)
 class ChunkPersisted:
     """The service confirmed bytes: ``persisted`` of them are safe, ``read`` came from the source."""
 
@@ -74,5 +82,14 @@ class PartFinished:
     ok: bool = True
 
 
-Event = UploadStarted | ChunkSending | ChunkPersisted | Retrying | UploadFinished | PartStarted | PartFinished
+Event = (
+    UploadStarted
+    | ChunkSending
+    | BytesSent
+    | ChunkPersisted
+    | Retrying
+    | UploadFinished
+    | PartStarted
+    | PartFinished
+)
 EventCallback = Callable[[Event], None]

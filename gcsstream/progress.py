@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from gcsstream.events import (
+    BytesSent,
     ChunkPersisted,
     ChunkSending,
     Event,
@@ -162,6 +163,9 @@ class ProgressState:
         self.size = size
         self.persisted = 0
         self.sent = 0
+        #: How far a streamed request (one for most of a file) has gone out: the bar follows it,
+        #: since the service confirms such a request only at its end.
+        self.written = 0
         self.resumed_at = 0
         #: A parallel upload: parts being sent now, and parts stored.
         self.parts_in_flight = 0
@@ -184,13 +188,16 @@ class ProgressState:
                     self._announce(f"resumed at {human_bytes(event.resumed_at)}")
             elif isinstance(event, ChunkSending):
                 self.sent = max(self.sent, event.end)
+            elif isinstance(event, BytesSent):
+                self.sent = max(self.sent, event.end)
+                self.written = event.end
+                self._sample(now)
             elif isinstance(event, ChunkPersisted):
                 self.persisted = event.persisted
                 self.note = ""
-                self._samples.append((now, event.persisted))
-                while len(self._samples) > 2 and now - self._samples[1][0] > _RATE_WINDOW:
-                    self._samples.popleft()
+                self._sample(now)
             elif isinstance(event, Retrying):
+                self.written = 0  # what went out unconfirmed is sent again
                 self._announce(f"{event.reason}, retrying in {event.delay:.1f} s")
             elif isinstance(event, UploadFinished):
                 self.persisted = self.sent = event.result.size
@@ -199,6 +206,11 @@ class ProgressState:
             elif isinstance(event, PartFinished):
                 self.parts_in_flight -= 1
                 self.parts_done += event.ok
+
+    def _sample(self, now: float) -> None:
+        self._samples.append((now, max(self.persisted, self.written)))
+        while len(self._samples) > 2 and now - self._samples[1][0] > _RATE_WINDOW:
+            self._samples.popleft()
 
     def parts(self) -> str:
         """``, parts: 3 in flight, 12 stored`` for a parallel upload; "" for one stream."""
@@ -228,6 +240,11 @@ class ProgressState:
             rate = (b1 - b0) / (now - t0) if now > t0 else 0.0
             return self.persisted, self.sent, self.size, rate, now - self.started, self.note
 
+    def done(self) -> int:
+        """The bytes a bar shows: confirmed, or gone out in a streamed request."""
+        with self._lock:
+            return max(self.persisted, self.written)
+
 
 class _Display:
     """rich's view of a ``ProgressState``: built afresh on each refresh, from rich's thread."""
@@ -243,16 +260,17 @@ class _Display:
         from rich.text import Text
 
         persisted, sent, size, rate, elapsed, note = self.state.snapshot()
+        shown = max(persisted, self.state.done())
         row = Table.grid(padding=(0, 1))
-        bar = ProgressBar(total=size if size else None, completed=persisted, width=30)
-        amount = f"{human_bytes(persisted)}/{human_bytes(size)}" if size else human_bytes(persisted)
+        bar = ProgressBar(total=size if size else None, completed=shown, width=30)
+        amount = f"{human_bytes(shown)}/{human_bytes(size)}" if size else human_bytes(shown)
         cells: list[Text | ProgressBar] = [Text(self.state.label, style="bold"), bar]
         if size:
-            cells.append(Text(f"{persisted / size:4.0%}" if size else "", style="magenta"))
+            cells.append(Text(f"{shown / size:4.0%}" if size else "", style="magenta"))
         cells += [Text(amount, style="green"), Text(human_rate(rate), style="cyan")]
         cells.append(Text(human_duration(elapsed), style="yellow"))
-        if size and rate > 0 and persisted < size:
-            cells.append(Text(f"ETA {human_duration((size - persisted) / rate)}", style="yellow"))
+        if size and rate > 0 and shown < size:
+            cells.append(Text(f"ETA {human_duration((size - shown) / rate)}", style="yellow"))
         row.add_row(*cells)
         lines: list[Table | Text] = [row]
         detail = f"{self.verb} {human_bytes(sent)}"
@@ -289,11 +307,12 @@ def _plain_display(state: ProgressState, stream: TextIO, interval: float, done: 
 
     def status() -> str:
         persisted, _, size, rate, elapsed, _ = state.snapshot()
-        share = f" of {human_bytes(size)} ({persisted / size:.0%})" if size else ""
-        return (
-            f"{state.label}: {human_bytes(persisted)}{share} {done}, rate {human_rate(rate)}, "
-            f"{elapsed:.0f} s{state.parts()}"
-        )
+        shown = max(persisted, state.done())
+        share = f" of {human_bytes(size)} ({shown / size:.0%})" if size else ""
+        amount = f"{human_bytes(shown)}{share} {done}"
+        if shown > persisted:  # a streamed request, confirmed only at its end
+            amount = f"{human_bytes(shown)}{share} sent, {human_bytes(persisted)} {done}"
+        return f"{state.label}: {amount}, rate {human_rate(rate)}, {elapsed:.0f} s{state.parts()}"
 
     def run() -> None:
         next_status = time.monotonic() + interval

@@ -39,9 +39,9 @@ from google.resumable_media.requests import ResumableUpload
 
 from gcsstream.errors import IntegrityError
 from gcsstream.options import CHUNK_QUANTUM, ObjectURL
-from gcsstream.window import ChunkWindow
+from gcsstream.window import ChunkWindow, StreamedBody
 
-Request = tuple[str, str, bytes | None, dict[str, str]]
+Request = tuple[str, str, bytes | StreamedBody | None, dict[str, str]]
 _RANGE = re.compile(r"bytes=0-(\d+)$", re.IGNORECASE)
 
 
@@ -205,6 +205,7 @@ class ResumableSession(ResumableUpload):
         #: The object resource once the service has created the object (even a bad one).
         self.resource: dict[str, Any] | None = None
         self._sent_end = 0  # the end of the furthest chunk sent: no Range may claim more
+        self._body: StreamedBody | None = None  # the last streamed request's body
         self._sent_final = False  # this run sent the request that completes the object
         self._last_was_final = False
         #: The object was created by this run's own final request (not found finished).
@@ -253,16 +254,29 @@ class ResumableSession(ResumableUpload):
             # unset it reads the (checked) end of input and does.
             self._total_bytes = None
         chunk_size = self._chunk_size
-        realign = self._window.bytes_to_boundary(position)
-        if realign and realign % CHUNK_QUANTUM == 0:
-            # A short Range left us inside a buffer: a shorter (still valid) chunk up to its end
-            # puts the following chunks back on buffer boundaries, where they cost no copy.
-            self._chunk_size = realign
+        streamed_end = self._streamed_end(position)
+        if streamed_end:
+            # A regular file: one request for all but its last bytes, read from the window as
+            # it goes; those last bytes follow in a request of their own, the final one, whose
+            # X-Goog-Hash can then be the whole file's.
+            self._chunk_size = streamed_end - position
+            self._stream = _Streaming(self._window)
+        else:
+            realign = self._window.bytes_to_boundary(position)
+            if realign and realign % CHUNK_QUANTUM == 0:
+                # A short Range left us inside a buffer: a shorter (still valid) chunk up to its
+                # end puts the following chunks back on buffer boundaries, where they cost no copy.
+                self._chunk_size = realign
         try:
             method, url, payload, headers = self._prepare_request()
         finally:
             self._chunk_size = chunk_size
-        self._sent_end = max(self._sent_end, position + len(payload))
+            self._stream = self._window
+        self._sent_end = self._sent_so_far()
+        if isinstance(payload, StreamedBody):
+            self._body = payload  # what it sent counts once its pieces have gone out
+        else:
+            self._sent_end = max(self._sent_end, position + len(payload))
         self._last_was_final = is_final_range(headers["content-range"])
         if self._last_was_final:
             self._sent_final = True
@@ -314,12 +328,25 @@ class ResumableSession(ResumableUpload):
         self._window.release(resend_from)  # lost answers: the service holds more than we saw
         self._invalid = False
 
+    def _streamed_end(self, position: int) -> int:
+        """Where a streamed request from ``position`` ends (0: send a chunk): the last whole 256
+        KiB unit before the end of a streamed window's input, if more than a chunk away."""
+        total = self._total_bytes
+        if not self._window.streamed or total is None:
+            return 0
+        end = (total - 1) // CHUNK_QUANTUM * CHUNK_QUANTUM
+        return end if end - position > self._chunk_size else 0
+
+    def _sent_so_far(self) -> int:
+        """The end of the furthest byte sent (of a streamed body: handed to the socket)."""
+        return max(self._sent_end, self._body.handed_out if self._body is not None else 0)
+
     def _check_not_beyond_sent(self) -> None:
         """A Range past the bytes sent would release (and journal) bytes the service never saw."""
-        if self._bytes_uploaded > self._sent_end:
+        sent = self._sent_so_far()
+        if self._bytes_uploaded > sent:
             raise IntegrityError(
-                f"the service reports {self._bytes_uploaded} bytes persisted, but only "
-                f"{self._sent_end} were sent"
+                f"the service reports {self._bytes_uploaded} bytes persisted, but only {sent} were sent"
             )
 
     # -- cancel ---------------------------------------------------------------------------------
@@ -368,3 +395,16 @@ class ResumableSession(ResumableUpload):
             if ours != theirs:
                 self.proven_wrong = True
                 raise IntegrityError(f"{field} mismatch: read {ours}, the service stored {theirs}")
+
+
+class _Streaming:
+    """The window as the base reads a streamed request from it: ``read`` gives a lazy body."""
+
+    def __init__(self, window: ChunkWindow) -> None:
+        self._window = window
+
+    def tell(self) -> int:
+        return self._window.tell()
+
+    def read(self, n: int) -> StreamedBody | bytes:
+        return self._window.stream(n)

@@ -92,6 +92,27 @@ class StreamSource:
         self.size = _remaining_size(stream)
         if self.size is None:
             _widen_pipe(stream)
+        #: Where the input starts in its regular file (for ``reread``); None: not a regular file.
+        self._file_start = stream.tell() if self.size is not None else None
+
+    @property
+    def rereadable(self) -> bool:
+        """A regular file: any of its bytes can be read again, so what was sent need not stay in
+        memory to be sent again (one request can carry the whole file)."""
+        return self._file_start is not None
+
+    def reread(self, offset: int, n: int) -> bytes:
+        """The ``n`` bytes at ``offset`` of the input again (fewer only if the file shrank); the
+        stream's own position is not moved, so the reader thread goes on undisturbed."""
+        assert self._file_start is not None, "reread() of a source that is not a regular file"
+        fd, at, parts, have = self._stream.fileno(), self._file_start + offset, [], 0
+        try:
+            while have < n and (data := os.pread(fd, n - have, at + have)):
+                parts.append(data)
+                have += len(data)
+        except OSError as exc:
+            raise SourceError(f"reading {self.description} again failed: {exc.strerror or exc}") from exc
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read(self, n: int) -> bytes:
         try:

@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import requests
@@ -30,6 +31,8 @@ from gcsstream.retry import AnswerTooSlow, permanent_network_failure
 
 if TYPE_CHECKING:
     from google.auth import credentials as auth_credentials
+
+    from gcsstream.window import StreamedBody
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
@@ -47,7 +50,12 @@ class HTTPTransport(Protocol):
     user_project: str | None
 
     def request(
-        self, method: str, url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        url: str,
+        *,
+        data: bytes | StreamedBody | None = None,
+        headers: dict[str, str] | None = None,
     ) -> requests.Response: ...
 
 
@@ -122,33 +130,57 @@ class _SlicedBody:
     """A request body handed to the socket in slices, each paid for with a limiter's tokens if any.
 
     Slices matter even unpaced: one ``sendall`` of a whole chunk must finish within the socket
-    timeout, but the io timeout means "no progress for that long", which slices give.
+    timeout, but the io timeout means "no progress for that long", which slices give. The body
+    is bytes, or a streamed window's body, whose ``pieces()`` come as the reader gets them.
     """
 
     PACED_SLICE = 64 * 1024
 
-    def __init__(self, data: bytes, limiter: RateLimiter | None) -> None:
-        self._view = memoryview(data)
-        self._offset = 0
+    def __init__(self, data: Any, limiter: RateLimiter | None) -> None:
+        self._data = data
+        self._length = len(data)
         self._limiter = limiter
+        self._pieces = self._start()
+        self._view = memoryview(b"")
+        self._sent: memoryview | None = None
+
+    def _start(self) -> Iterator[Any]:
+        pieces = getattr(self._data, "pieces", None)
+        return pieces() if pieces is not None else iter((self._data,))
 
     def __len__(self) -> int:
-        return len(self._view)
+        return self._length
 
     def read(self, n: int = -1) -> memoryview:
         # Whatever urllib3 asks for (16 KiB: a thousand sendall calls per 16 MiB chunk, a third
-        # more CPU for the whole upload): unpaced, all of it, and the connection's ``send``
+        # more CPU for the whole upload): unpaced, a whole piece, and the connection's ``send``
         # decides how to write it under the io timeout.
+        if not self._view:
+            self._drop(self._sent)  # sent: its buffer may go before the next piece is read
+            self._view = memoryview(b"")
+            piece = next(self._pieces, None)
+            if piece is None:
+                # The end: rewind, so that a request sent again with this same body (google-auth
+                # resends it after refreshing credentials on a 401) sends all of it again.
+                self._pieces = self._start()
+                return self._view
+            self._view = memoryview(piece)
         size = self.PACED_SLICE if self._limiter is not None else len(self._view)
-        piece = self._view[self._offset : self._offset + size]
-        self._offset += len(piece)
-        if piece and self._limiter is not None:
+        piece, self._view = self._view[:size], self._view[size:]
+        if self._limiter is not None:
             self._limiter.consume(len(piece))
-        elif not piece:
-            # The end: rewind, so that a request sent again with this same body (google-auth
-            # resends it after refreshing credentials on a 401) sends all of it again.
-            self._offset = 0
+        self._sent = piece
         return piece
+
+    @staticmethod
+    def _drop(view: memoryview | None) -> None:
+        """Let go of a sent piece's buffer, though urllib3 still names the view: a streamed
+        body would otherwise keep one chunk more alive than the window's two."""
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:  # still exported (a TLS layer's): it goes with its last user
+                pass
 
 
 def _origin_text(url: str) -> str:
@@ -380,7 +412,7 @@ class Transport:
         method: str,
         url: str,
         *,
-        data: bytes | None = None,
+        data: bytes | StreamedBody | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
     ) -> requests.Response:

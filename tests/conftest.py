@@ -82,3 +82,24 @@ def assert_stored(server, bucket: str, name: str, data: bytes) -> dict:
     assert int(resource["size"]) == len(data)
     assert resource["crc32c"] == crc32c_b64(data)
     return resource
+
+
+def hold_a_file_upload(server, held: int) -> None:
+    """Faults that leave ``put FILE`` unfinished with ``held`` bytes stored: a file goes out in
+    one streamed request, of which the test server keeps ``held`` (whole 256 KiB units, less
+    than the request); every later request of the upload is refused with 503 (until the faults
+    are cleared), so the run ends with exit 75 when its retries run out."""
+    from tests.gcs_test_server import Fault
+
+    server.faults.add(Fault("partial", on="chunk", nth=1, persist=held))
+    server.faults.add(Fault("status", status=503, on="put", nth=2, times=10_000))
+
+
+def stall_a_file_upload(server, held: int, seconds: float = 300) -> None:
+    """Faults that hold ``put FILE`` with ``held`` bytes stored: the test server keeps that much
+    of the file's streamed request, and stalls the request that follows (``fault == "stall"``
+    in its record once it has taken hold), for the test to stop the run there."""
+    from tests.gcs_test_server import Fault
+
+    server.faults.add(Fault("partial", on="chunk", nth=1, persist=held))
+    server.faults.add(Fault("stall", on="put", nth=2, seconds=seconds))

@@ -171,8 +171,8 @@ def test_unreadable_file(env, server, reachable_dir, row):
 
 @covers("read error in the middle of a file", 1, "the upload was cancelled and no object was created")
 def test_read_error_mid_file_cancels_the_session(env, server, tmp_path, row):
-    """strace makes the file's third read(2) fail with EIO. The reader holds at most two chunks
-    the service has not confirmed, so that read waits until the first chunk is persisted."""
+    """strace makes the file's third read(2) fail with EIO. The reader keeps at most two chunks
+    that have not gone out, so that read waits until the first chunk has been sent."""
     assert shutil.which("strace"), "this test needs strace (apt-get install strace)"
     src = tmp_path / "mid.bin"
     src.write_bytes(os.urandom(6 * QUANTUM))
@@ -186,8 +186,10 @@ def test_read_error_mid_file_cancels_the_session(env, server, tmp_path, row):
     requests = server.requests[requests_before:]
     cancel = next(r for r in requests if r.kind == "cancel")
     assert cancel.status == 499
-    persisted_first = [r for r in requests if r.kind == "chunk" and r.seq < cancel.seq and r.status == 308]
-    assert persisted_first and max(r.persisted for r in persisted_first) >= QUANTUM, requests
+    # A file goes out in one streamed request: the failed read cut it short, midway through its body.
+    streamed = [r for r in requests if r.kind == "chunk" and r.seq < cancel.seq]
+    assert streamed and streamed[0].content_length == 5 * QUANTUM, requests
+    assert QUANTUM <= streamed[0].bytes_received < 5 * QUANTUM and streamed[0].status != 308, requests
     assert not [r for r in requests if r.kind == "final"]
     listed = subprocess.run(["gcsstream", "sessions", "--json"], env=env, capture_output=True, timeout=60)
     assert json.loads(listed.stdout) == [], "the journal kept the cancelled upload"

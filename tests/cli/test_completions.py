@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gcs_test_server import Fault, GcsTestServer
+from tests.conftest import hold_a_file_upload
+from tests.gcs_test_server import GcsTestServer
 
 COMPLETIONS = Path(__file__).resolve().parents[2] / "completions"
 
@@ -71,7 +72,7 @@ def clean_home(tmp_path, gcsstream_exe, state_dir):
     with GcsTestServer(data_dir=tmp_path / "server", buckets=["complete-me"]) as server:
         src = tmp_path / "src.bin"
         src.write_bytes(os.urandom(3 * 256 * 1024 + 5))
-        server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+        hold_a_file_upload(server, 256 * 1024)
         r = subprocess.run(
             ["gcsstream", "put", "--chunk-size", "256KiB", "--retry-deadline", "0.3", str(src),
              "gs://complete-me/o"], env={**env, "STORAGE_EMULATOR_HOST": server.url}, capture_output=True,

@@ -37,8 +37,10 @@ PAUSE = 5.0
 
 
 def interrupted_put(server, env, src, name: str) -> dict:
-    """``put FILE`` stopped by retries running out after one chunk: exit 75, a journal entry."""
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    """``put FILE`` stopped by retries running out after one chunk: exit 75, a journal entry.
+    (A file goes out in one streamed request: the service keeps one chunk of it.)"""
+    server.faults.add(Fault("partial", on="chunk", nth=1, persist=CHUNK))
+    server.faults.add(Fault("status", status=503, on="put", nth=2, times=10_000))
     code, _, err = finish(gcs(f"put --chunk-size {CHUNK} {FAST} {src} gs://{BUCKET}/{name}", env))
     assert code == 75, err
     server.faults = FaultPlan()

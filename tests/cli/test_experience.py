@@ -46,9 +46,13 @@ def src(tmp_path):
     return path
 
 
-def slow(server) -> None:
-    """Make the upload take about two seconds, so that progress has time to show."""
-    server.faults.add(Fault("trickle", on="chunk", nth=2, times=2, rate=QUANTUM, seconds=1.0))
+def slow(server, *, streamed: bool = False) -> None:
+    """Make the upload take about two seconds, so that progress has time to show. A ``streamed``
+    file goes out in one request: that one is slowed."""
+    if streamed:
+        server.faults.add(Fault("trickle", on="chunk", nth=1, rate=QUANTUM, seconds=2.0))
+    else:
+        server.faults.add(Fault("trickle", on="chunk", nth=2, times=2, rate=QUANTUM, seconds=1.0))
 
 
 def plain(raw: str) -> str:
@@ -86,10 +90,13 @@ def test_terminal_shows_a_live_bar_and_is_left_clean(server, env, src):
 
 
 def test_known_size_shows_percent_and_eta(server, env, src):
-    slow(server)
+    """A file, sent in one streamed request: the bar follows the bytes sent, before the service
+    confirms any."""
+    slow(server, streamed=True)
     code, raw, _ = run_in_terminal(f"gcsstream put --chunk-size 256KiB {src} gs://{BUCKET}/pct", env)
     assert code == 0, raw
-    assert re.search(r"\d+%", plain(raw)) and "ETA" in raw
+    assert re.search(r"\b([1-9]\d?)%", plain(raw)) and "ETA" in raw, plain(raw)
+    assert re.search(r"sent [1-9][\d.]* [KM]iB, confirmed by the service 0 B", plain(raw)), plain(raw)
     assert_stored(server, BUCKET, "pct", src.read_bytes())
 
 

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import assert_stored, unstamped
+from tests.conftest import assert_stored, hold_a_file_upload, stall_a_file_upload, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 
 BUCKET = "faults"
@@ -32,14 +32,17 @@ def server(tmp_path):
 
 @pytest.fixture
 def put(server, gcsstream_exe, tmp_path):
-    """Run ``SRC | gcsstream put ARGS - gs://faults/obj`` and return (process, data sent)."""
+    """Run ``SRC | gcsstream put ARGS - gs://faults/obj`` (``from_file``: ``put SRC``, which
+    streams the file in one request) and return (process, data sent)."""
 
-    def run(args: str = "", size: int = 3 * CHUNK + 1000, name: str = "obj", env_extra=None):
+    def run(args: str = "", size: int = 3 * CHUNK + 1000, name: str = "obj", env_extra=None, from_file=False):
         data = os.urandom(size)
         src = tmp_path / f"src-{name}"
         src.write_bytes(data)
         env = {**os.environ, "STORAGE_EMULATOR_HOST": server.url, **(env_extra or {})}
         cmd = f"cat {src} | {gcsstream_exe} put {FAST} {args} - gs://{BUCKET}/{name}"
+        if from_file:
+            cmd = f"{gcsstream_exe} put {FAST} {args} {src} gs://{BUCKET}/{name}"
         proc = subprocess.run(
             ["bash", "-o", "pipefail", "-c", cmd], env=env, capture_output=True, timeout=120
         )
@@ -74,6 +77,45 @@ def test_fault_is_survived(server, put, fault):
     proc, data = put()
     assert proc.returncode == 0, proc.stderr.decode()
     assert server.faults.applied(fault.kind), "the fault never fired"
+    assert_stored(server, BUCKET, "obj", data)
+
+
+STREAMED_SIZE = 16 * CHUNK + 1000  # 8 MiB: one streamed request of 8 MiB, then a final 1000 bytes
+STREAMED = [
+    pytest.param(Fault("status", status=503, on="chunk", nth=1), id="status-503"),
+    pytest.param(Fault("status", status=503, on="final"), id="status-503-on-final"),
+    # Most of the file went out but little was kept: its first buffers are long gone, and the
+    # resend reads them from the file again.
+    pytest.param(
+        Fault("reset", on="chunk", nth=1, after_bytes=6 * CHUNK, persist=QUANTUM), id="reset-reread"
+    ),
+    pytest.param(Fault("reset", on="chunk", nth=1, after_bytes=6 * CHUNK), id="reset-kept-all"),
+    pytest.param(Fault("partial", on="chunk", nth=1, persist=3 * CHUNK), id="partial"),
+    pytest.param(Fault("partial", on="chunk", nth=1, persist=0), id="partial-nothing"),
+    pytest.param(Fault("reset", on="final", after_bytes=10), id="reset-mid-final"),
+    pytest.param(Fault("trickle", on="chunk", nth=1, rate=8 * 1024 * 1024, seconds=0.3), id="trickle"),
+]
+
+
+@pytest.mark.parametrize("fault", STREAMED)
+def test_fault_is_survived_by_a_file_streamed_in_one_request(server, put, fault):
+    server.faults.add(fault)
+    proc, data = put(size=STREAMED_SIZE, from_file=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert server.faults.applied(fault.kind), "the fault never fired"
+    assert_stored(server, BUCKET, "obj", data)
+    first = next(r for r in server.requests if r.kind in ("chunk", "final"))
+    assert first.content_length == (STREAMED_SIZE - 1) // QUANTUM * QUANTUM  # one request for it all
+
+
+def test_401_during_a_streamed_request_sends_all_of_it_again(server, put, service_account):
+    """google-auth resends the request after refreshing: the streamed body starts over (from the
+    file where its buffers are gone)."""
+    key, tokens = service_account
+    server.faults.add(Fault("unauthorized", on="chunk", nth=1))
+    proc, data = put(f"--credentials {key}", size=STREAMED_SIZE, from_file=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(tokens.tokens) == 2, "the 401 should have made gcsstream fetch a second token"
     assert_stored(server, BUCKET, "obj", data)
 
 
@@ -295,8 +337,9 @@ def test_no_secret_from_session_commands_or_an_interrupt(server, gcsstream_exe, 
     data = os.urandom(3 * CHUNK + 1000)
     src.write_bytes(data)
     outputs = {}
-    # SIGINT while the second chunk is held up by the server.
-    server.faults.add(Fault("stall", on="chunk", nth=2, seconds=30))
+    # SIGINT while the server holds up the request after the first chunk (stdin is a file: it goes
+    # out in one streamed request, of which the server keeps a chunk).
+    stall_a_file_upload(server, CHUNK, seconds=30)
     with open(src, "rb") as feed:
         proc = subprocess.Popen(
             [gcsstream_exe, *f"put {FAST} --credentials {key} --debug - gs://{BUCKET}/sig".split()],
@@ -336,7 +379,7 @@ def test_no_secret_from_session_commands_or_an_interrupt(server, gcsstream_exe, 
     # resumed by its URI, the upload's journal was found, used and forgotten
     assert json.loads(run_gcs(gcsstream_exe, "sessions --json", env).stdout) == []
     # An upload that gives up, aborted by its session URI; then status and abort of the dead session.
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    hold_a_file_upload(server, CHUNK)
     gave_up = run_gcs(gcsstream_exe, f"put {FAST} --retry-deadline 0.5 - gs://{BUCKET}/ab", env, src)
     assert gave_up.returncode == 75, gave_up.stderr.decode()
     server.faults = FaultPlan()

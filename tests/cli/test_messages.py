@@ -17,7 +17,7 @@ import pytest
 
 from tests.cli.test_faults import TokenEndpoint, leaks, service_account  # noqa: F401 - a fixture
 from tests.conftest import BUCKET as EMU_BUCKET
-from tests.conftest import STAMP, assert_stored, unstamped
+from tests.conftest import STAMP, assert_stored, hold_a_file_upload, stall_a_file_upload, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 
 BUCKET = "messages"
@@ -80,12 +80,11 @@ def test_debug_shows_each_exchange_like_curl_without_secrets(server, env, tmp_pa
     assert any(re.fullmatch(r"< 200 OK \(\d+ ms\)", s) for s in shown), shown
     assert any(s.startswith("< Location: ") and s.endswith("upload_id=REDACTED") for s in shown), shown
     assert "< X-GUploader-UploadID: REDACTED" in shown
-    # Each chunk: its Content-Range and Content-Length, then the 308 and its Range.
-    for first in range(0, 3 * CHUNK, CHUNK):
-        assert f"> Content-Range: bytes {first}-{first + CHUNK - 1}/{3 * CHUNK + 5}" in shown, shown
-        assert f"< Range: bytes=0-{first + CHUNK - 1}" in shown, shown
-    assert f"> Content-Length: {CHUNK}" in shown
-    assert sum(bool(re.fullmatch(r"< 308 Resume Incomplete \(\d+ ms\)", s)) for s in shown) == 3
+    # The file's one streamed request: its Content-Range and Content-Length, the 308 and its Range.
+    assert f"> Content-Range: bytes 0-{3 * CHUNK - 1}/{3 * CHUNK + 5}" in shown, shown
+    assert f"< Range: bytes=0-{3 * CHUNK - 1}" in shown, shown
+    assert f"> Content-Length: {3 * CHUNK}" in shown
+    assert sum(bool(re.fullmatch(r"< 308 Resume Incomplete \(\d+ ms\)", s)) for s in shown) == 1
     # The final request carries the checksum.
     resource = server.object_resource(BUCKET, "d")
     assert f"> X-Goog-Hash: crc32c={resource['crc32c']}" in shown
@@ -100,7 +99,7 @@ def test_debug_shows_each_exchange_like_curl_without_secrets(server, env, tmp_pa
 
 def interrupted_after(server, env, src: Path, name: str, chunks: int) -> str:
     """Start ``put SRC``, stop it with SIGINT once ``chunks`` chunks are held; the upload id."""
-    server.faults.add(Fault("stall", on="chunk", nth=chunks + 1, seconds=300))
+    stall_a_file_upload(server, chunks * CHUNK)
     proc = subprocess.Popen(
         ["gcsstream", "put", "--chunk-size", str(CHUNK), str(src), f"gs://{BUCKET}/{name}"],
         env=env,
@@ -108,7 +107,7 @@ def interrupted_after(server, env, src: Path, name: str, chunks: int) -> str:
         stderr=subprocess.PIPE,
     )
     try:
-        server.wait_for_request(lambda r: r.kind == "chunk" and r.fault is not None, 60)
+        server.wait_for_request(lambda r: r.fault == "stall", 60)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -208,9 +207,9 @@ def test_cat_says_which_is_missing_on_each_emulator(emulator, gcsstream_exe, sta
 
 
 def test_every_stderr_line_of_a_log_is_timestamped_in_binary_units(server, env, tmp_path):
-    src = payload(tmp_path, 6 * CHUNK)
-    server.faults.add(Fault("trickle", on="chunk", nth=2, times=2, rate=CHUNK, seconds=30))
-    server.faults.add(Fault("status", status=503, on="chunk", nth=5))
+    src = payload(tmp_path, 6 * CHUNK)  # a file: one streamed request, slowed, and the final one
+    server.faults.add(Fault("trickle", on="chunk", nth=1, rate=4 * CHUNK, seconds=30))
+    server.faults.add(Fault("status", status=503, on="final", nth=1))
     ok = run(f"gcsstream put --chunk-size {CHUNK} --progress-interval 0.2 --retry-initial-delay 0.05 {src} "
              f"gs://{BUCKET}/log", env)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
@@ -220,7 +219,10 @@ def test_every_stderr_line_of_a_log_is_timestamped_in_binary_units(server, env, 
     lines = (ok.stderr + failed.stderr).decode().splitlines()
     assert all(LINE.match(line) for line in lines), lines  # progress, retry, summary and error alike
     text = STAMP.sub("", "\n".join(lines))
-    pattern = r"^gcsstream: gs://messages/log: [\d.]+ \w+ of [\d.]+ MiB \(\d+%\) stored, rate (.*), \d+ s$"
+    pattern = (
+        r"^gcsstream: gs://messages/log: [\d.]+ \w+ of [\d.]+ MiB \(\d+%\) (?:sent, [\d.]+ \w+ )?stored, "
+        r"rate (.*), \d+ s$"
+    )
     status = re.findall(pattern, text, flags=re.MULTILINE)
     assert status and all(re.fullmatch(r"[\d.]+ (B|KiB|MiB)/s", rate) for rate in status), text
     assert "retrying in" in text and "MB/s" not in text and " MB" not in text
@@ -235,8 +237,8 @@ def test_every_stderr_line_of_a_log_is_timestamped_in_binary_units(server, env, 
 
 
 def held_upload(server, env, src: Path, name: str) -> None:
-    """An upload left unfinished: its second chunk keeps failing until the deadline (exit 75)."""
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    """An upload left unfinished: after its first chunk, requests fail until the deadline (exit 75)."""
+    hold_a_file_upload(server, CHUNK)
     r = subprocess.run(
         ["gcsstream", "put", "--chunk-size", str(CHUNK), "--retry-deadline", "0.3", "--retry-initial-delay",
          "0.05", str(src), f"gs://{BUCKET}/{name}"], env=env, capture_output=True, timeout=120,

@@ -26,7 +26,7 @@ import google_crc32c
 import pytest
 
 from gcsstream.options import parse_size
-from tests.conftest import assert_stored, unstamped
+from tests.conftest import assert_stored, hold_a_file_upload, unstamped
 from tests.emulators import start_gcp_storage_emulator
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 
@@ -401,7 +401,7 @@ def test_a_second_signal_does_not_lose_the_resume_command(server, env, tmp_path,
 def test_retries_exhausted_prints_the_resume_command_and_file_resumes_by_id(server, env, tmp_path):
     src = tmp_path / "file.bin"
     src.write_bytes(os.urandom(4 * CHUNK + 3))
-    server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
+    hold_a_file_upload(server, 2 * CHUNK)
     rc, _, err = finish(
         gcs(
             f"put --chunk-size {CHUNK} --retry-deadline 1 --retry-initial-delay 0.05 {src} gs://{BUCKET}/f",
@@ -425,7 +425,7 @@ def test_retries_exhausted_prints_the_resume_command_and_file_resumes_by_id(serv
 def test_put_of_the_same_file_continues_and_restart_starts_afresh(server, env, tmp_path):
     src = tmp_path / "file.bin"
     src.write_bytes(os.urandom(4 * CHUNK))
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    hold_a_file_upload(server, CHUNK)
     put = (
         f"put --chunk-size {CHUNK} --retry-deadline 0.5 --retry-initial-delay 0.05 {src} gs://{BUCKET}/again"
     )
@@ -436,7 +436,7 @@ def test_put_of_the_same_file_continues_and_restart_starts_afresh(server, env, t
     assert rc == 0 and f"continuing the unfinished upload {first['id']}" in err, err
     assert_stored(server, BUCKET, "again", src.read_bytes())
     # --restart: a fresh session, the old one cancelled
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    hold_a_file_upload(server, CHUNK)
     assert finish(gcs(put, env))[0] == 75
     only_session(env)  # exactly one unfinished upload
     server.faults = FaultPlan()
@@ -453,7 +453,10 @@ def test_put_of_the_same_file_continues_and_restart_starts_afresh(server, env, t
 def test_wrong_input_is_refused_and_the_session_is_intact(server, env, tmp_path, change):
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(4 * CHUNK))
-    server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
+    if change == "modified file":  # a file: one streamed request
+        hold_a_file_upload(server, 2 * CHUNK)
+    else:
+        server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
     target = f"{src}" if change == "modified file" else "-"
     stdin = None if change == "modified file" else src
     rc, _, _ = finish(
@@ -872,7 +875,7 @@ FAST = "--retry-deadline 0.5 --retry-initial-delay 0.05"
 
 def interrupted_put(server, env, src: Path, name: str, flags: str = "") -> dict:
     """``put FILE`` stopped by retries running out after one chunk: exit 75 and a journal."""
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    hold_a_file_upload(server, CHUNK)
     code, _, err = finish(gcs(f"put --chunk-size {CHUNK} {FAST} {flags} {src} gs://{BUCKET}/{name}", env))
     assert code == 75, err
     server.faults = FaultPlan()

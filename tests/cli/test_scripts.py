@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_stored, crc32c_b64, unstamped
+from tests.conftest import assert_stored, crc32c_b64, hold_a_file_upload, unstamped
 from tests.gcs_test_server import QUANTUM, Fault, FaultPlan, GcsTestServer
 from tests.wrong_server import gzip_member
 
@@ -66,7 +66,7 @@ def test_a_failed_upload_prints_its_id_held_bytes_and_resume_command_as_json(ser
     src = tmp_path / "src"
     data = os.urandom(3 * CHUNK + 123)
     src.write_bytes(data)
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    hold_a_file_upload(server, CHUNK)
     r = sh(f"gcsstream put --json --chunk-size 1MiB {FAST} - gs://{BUCKET}/s < {src}", env)
     assert r.returncode == 75, r.stderr
     failure = one_json(r.stdout)
@@ -121,7 +121,7 @@ def test_sessions_json_is_an_array_as_its_help_says(server, env, tmp_path):
     assert "one JSON array" in help_text and "one JSON object" not in help_text
     src = tmp_path / "src"
     src.write_bytes(os.urandom(2 * CHUNK + 1))
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    hold_a_file_upload(server, CHUNK)
     assert sh(f"gcsstream put --chunk-size 1MiB {FAST} {src} gs://{BUCKET}/a", env).returncode == 75
     listed = json.loads(sh("gcsstream sessions --json", env).stdout)
     assert isinstance(listed, list) and [e["held"] for e in listed] == [CHUNK]
@@ -161,7 +161,7 @@ def test_status_of_an_upload_that_finished_here_names_the_object(server, env, tm
     src = tmp_path / "src"
     data = os.urandom(2 * CHUNK + 5)
     src.write_bytes(data)
-    server.faults.add(Fault("status", status=503, on="chunk", nth=2, times=10_000))
+    hold_a_file_upload(server, CHUNK)
     failed = sh(f"gcsstream put --json --chunk-size 1MiB {FAST} {src} gs://{BUCKET}/f", env)
     assert failed.returncode == 75, failed.stderr
     upload = one_json(failed.stdout)["upload"]

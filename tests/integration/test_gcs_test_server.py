@@ -762,14 +762,13 @@ def test_cli_sigint_with_random_faults(tmp_path):
 
 
 def test_discard_mode_keeps_size_and_hashes_but_no_bytes(tmp_path, gcsstream_exe):
-    data = os.urandom(3 * Q + 12345)  # four requests at --chunk-size 256KiB
-    source = tmp_path / "src.bin"
-    source.write_bytes(data)
+    data = os.urandom(3 * Q + 12345)  # four requests at --chunk-size 256KiB, from a pipe
     with GcsTestServer(data_dir=tmp_path / "data", buckets=[BUCKET], discard=True) as srv:
         env = {**os.environ, "STORAGE_EMULATOR_HOST": srv.url}
         r = subprocess.run(
-            [gcsstream_exe, "put", "--chunk-size", "256KiB", "-q", str(source), f"gs://{BUCKET}/d"],
+            [gcsstream_exe, "put", "--chunk-size", "256KiB", "-q", "-", f"gs://{BUCKET}/d"],
             env=env,
+            input=data,
             capture_output=True,
             timeout=60,
         )

@@ -271,7 +271,7 @@ def test_journaled_library_upload_resumes_by_id_after_a_transient_error(server, 
     src = tmp_path / "src.bin"
     data = os.urandom(4 * CHUNK + 7)
     src.write_bytes(data)
-    server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
+    _refuse_after_two_chunks(server, file=True)
     url = f"gs://{BUCKET}/journaled"
     with pytest.raises(gcsstream.TransientError) as caught:
         gcsstream.upload(src, url, journal=True, retry_deadline=0.5, metadata={"k": "v"}, **opts)
@@ -318,9 +318,19 @@ def test_a_cancelled_journaled_upload_names_no_dead_session(server, opts, state_
     assert not list(state_dir.glob("*.json"))
 
 
-def _interrupted(server, call) -> gcsstream.TransientError:
+def _refuse_after_two_chunks(server, *, file: bool = False) -> None:
+    """The service keeps two chunks and refuses every request after them. A ``file`` goes out in
+    one streamed request, of which it keeps two chunks' worth."""
+    if file:
+        server.faults.add(Fault("partial", on="chunk", nth=1, persist=2 * CHUNK))
+        server.faults.add(Fault("status", status=503, on="put", nth=2, times=10_000))
+    else:
+        server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
+
+
+def _interrupted(server, call, *, file: bool = False) -> gcsstream.TransientError:
     """Run ``call`` with every chunk after the second refused, until its retries run out."""
-    server.faults.add(Fault("status", status=503, on="chunk", nth=3, times=10_000))
+    _refuse_after_two_chunks(server, file=file)
     with pytest.raises(gcsstream.TransientError) as caught:
         call()
     server.faults = FaultPlan()
@@ -345,7 +355,9 @@ def test_library_resumes_a_file_by_journal_id_only_from_the_same_unchanged_file(
     data = os.urandom(5 * CHUNK + 9)
     src.write_bytes(data)
     url = f"gs://{BUCKET}/by-id"
-    err = _interrupted(server, lambda: gcsstream.upload(src, url, journal=True, retry_deadline=0.5, **opts))
+    err = _interrupted(
+        server, lambda: gcsstream.upload(src, url, journal=True, retry_deadline=0.5, **opts), file=True
+    )
     assert err.upload_id
     recorded = os.stat(src).st_mtime_ns
     os.utime(src, ns=(recorded, recorded + 5_000_000_000))  # the same bytes, touched

@@ -74,6 +74,8 @@ class FakeService:
         self._generations = itertools.count(1000)
         #: Called with each chunk Call before it is answered (for tests that watch timing).
         self.on_chunk: Callable[[Call], None] | None = None
+        #: The length of each streamed request body (one for most of a regular file).
+        self.streamed_sizes: list[int] = []
         self.lock = threading.Lock()
 
     # -- scripting ------------------------------------------------------------------------------
@@ -83,6 +85,7 @@ class FakeService:
 
         An action is an int status, an exception to raise, ``("keep", n)`` to persist only n
         bytes of the chunk, ``("retry-after", status, seconds)``, or a callable(call, session).
+        Kind "stream" takes ``("cut", n)`` (or None) for the next streamed requests.
         """
         queue = self._faults.setdefault(kind, deque())
         for action in actions:
@@ -101,6 +104,8 @@ class FakeService:
         parsed = urllib.parse.urlparse(url)
         query = dict(urllib.parse.parse_qsl(parsed.query))
         body = data or b""
+        if hasattr(body, "pieces"):  # a streamed body: taken piece by piece, as a socket would
+            return self._streamed(method, url, headers, body)
         if method == "POST" and parsed.path.startswith("/upload/"):
             call = Call(method, url, headers, len(body), "initiate")
             return self._answer(call, None, lambda _: self._initiate(parsed.path, query, body, lower))
@@ -139,6 +144,30 @@ class FakeService:
         return self._answer(
             call, session, lambda keep: self._chunk(session, content_range, bytes(body), lower, keep)
         )
+
+    def _streamed(self, method, url, headers, body) -> requests.Response:
+        """A streamed request: its pieces are copied as they come (the window reuses buffers once
+        a piece is sent); a ``("cut", n)`` fault takes only n bytes and then resets."""
+        queue = self._faults.get("stream")
+        cut = queue.popleft()(None, None) if queue else None
+        received, have = [], 0
+        self.streamed_sizes.append(len(body))
+        for piece in body.pieces():
+            received.append(bytes(piece))
+            have += len(piece)
+            if isinstance(cut, Cut) and have >= cut.n:
+                break
+        data = b"".join(received)
+        if isinstance(cut, Cut):
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(url).query))
+            session = self.sessions.get(query["upload_id"])
+            start = int(headers["content-range"].split()[1].split("-")[0])
+            kept = (start + cut.keep) // QUANTUM * QUANTUM  # whole units of what came, or fewer
+            if session is not None and kept > len(session.data) >= start:
+                session.data += data[len(session.data) - start : kept - start]
+            self.calls.append(Call(method, url, dict(headers), cut.n, "chunk"))
+            raise requests.ConnectionError("connection reset by peer (injected, mid-request)")
+        return self.request(method, url, data=data, headers=headers)
 
     # -- the service's rules ---------------------------------------------------------------------
 
@@ -249,6 +278,15 @@ class Keep:
     n: int
 
 
+@dataclass
+class Cut:
+    """A fault for a streamed request (kind "stream"): the connection resets after ``n`` bytes of
+    its body; the service keeps ``keep`` of them (all by default) in whole 256 KiB units."""
+
+    n: int
+    keep: int
+
+
 def _as_fault(action: object) -> Callable[[Call, Session | None], object]:
     def fault(call: Call, session: Session | None) -> object:
         if action is None:
@@ -261,6 +299,8 @@ def _as_fault(action: object) -> Callable[[Call, Session | None], object]:
             return response(action[1], headers={"Retry-After": str(action[2])})
         if isinstance(action, tuple) and action[0] == "keep":
             return Keep(action[1])
+        if isinstance(action, tuple) and action[0] == "cut":
+            return Cut(action[1], action[2] if len(action) > 2 else action[1])
         raise AssertionError(f"unknown fault {action!r}")
 
     return fault
