@@ -145,7 +145,12 @@ app = typer.Typer(
 
 # Options shared by the commands that talk to the service.
 ChunkSizeOpt = Annotated[
-    str, typer.Option(metavar="SIZE", help="Bytes per request: a multiple of 256KiB, e.g. 8MiB, 16MiB, 1GiB.")
+    str,
+    typer.Option(
+        metavar="SIZE",
+        help="Bytes per request of a pipe, per read of a file (which goes out in one request): "
+        "a multiple of 256KiB, e.g. 8MiB, 16MiB, 1GiB.",
+    ),
 ]
 RetryDeadlineOpt = Annotated[
     float,

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 from gcsstream.checksums import Checksums, crc32c_extend, encode_crc32c
 from gcsstream.errors import GcsstreamError, IntegrityError, PrefixMismatch, SourceError
-from gcsstream.sources import Chunk, ChunkSource, read_full, read_full_into
+from gcsstream.sources import Chunk, ChunkSource, read_full
 from gcsstream.threads import HelperThread
 
 
@@ -67,9 +67,6 @@ class ChunkWindow:
         # Streamed: (offset, CRC32C of the bytes before it) at every buffer's start, ascending, so
         # that the CRC32C at an offset whose buffer is gone is found again (``_crc32c_at``).
         self._marks: list[tuple[int, int]] = [(0, 0)]
-        # Streamed: buffers whose bytes have been sent, for the reader to fill again (a fresh
-        # 16 MiB buffer per read costs its page faults: a tenth of a second of CPU per GiB).
-        self._free: list[bytearray] = []
         self._reader_done = False  # the reader thread has finished (and closed the source unless streamed)
         self._thread = HelperThread(self._fill, name="gcsstream-reader")
 
@@ -163,7 +160,7 @@ class ChunkWindow:
         assert self._reread is not None
         with self._cond:
             while self._buffers and self._buffers[0][0] + len(self._buffers[0][1]) <= offset:
-                self._drop_oldest()
+                self._buffers.popleft()
                 self._cond.notify_all()
             while self._error is None and not self._closed and self._read_end <= offset:
                 if self._total is not None:
@@ -233,19 +230,13 @@ class ChunkWindow:
             self._floor_crc32c = self._crc32c_at(offset)
             self._floor = offset
             while self._buffers and self._buffers[0][0] + len(self._buffers[0][1]) <= offset:
-                self._drop_oldest()
+                self._buffers.popleft()
             del self._marks[: self._mark_at(offset)]  # none below the floor is asked for again
             self._cond.notify_all()
 
     def _mark_at(self, offset: int) -> int:
         """The index of the last mark at or below ``offset``."""
         return bisect.bisect_right(self._marks, (offset, 1 << 32)) - 1
-
-    def _drop_oldest(self) -> None:
-        """Drop the oldest buffer (its bytes were sent, or confirmed); streamed, keep it to reuse."""
-        _, data, _ = self._buffers.popleft()
-        if self._reread is not None and isinstance(data, memoryview) and isinstance(data.obj, bytearray):
-            self._free.append(data.obj)
 
     def _crc32c_at(self, offset: int) -> int:
         """CRC32C of the input's first ``offset`` bytes (``offset`` inside the window)."""
@@ -294,7 +285,7 @@ class ChunkWindow:
                         self._cond.wait()
                     if self._closed:
                         return
-                data = self._read_next()
+                data = read_full(self._source, self._chunk_size)
                 offset += len(data)
                 self._check_not_over(offset)
                 at_end = len(data) < self._chunk_size or offset == self._expected_size
@@ -333,15 +324,6 @@ class ChunkWindow:
                 close = self._reread is None or self._closed
             if close:
                 self._close_source()
-
-    def _read_next(self) -> Chunk:
-        """The next chunk of the input: streamed, into a reused buffer (its bytes were sent, and a
-        resend reads the file again); otherwise fresh bytes, which a request may hold on to."""
-        if self._reread is None:
-            return read_full(self._source, self._chunk_size)
-        with self._cond:
-            buffer = self._free.pop() if self._free else bytearray(self._chunk_size)
-        return memoryview(buffer)[: read_full_into(self._source, memoryview(buffer))]
 
     def _skip(self, offset: int) -> None:
         """Read and checksum the first ``offset`` bytes without keeping them (resume)."""
