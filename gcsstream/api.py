@@ -265,6 +265,10 @@ class _Upload:
         if self.inner is not None:
             self.inner.persisted(offset, crc32c)
 
+    def sent(self, offset: int, crc32c: int) -> None:
+        if self.inner is not None:
+            self.inner.sent(offset, crc32c)
+
     def flush(self) -> None:
         if self.inner is not None:
             self.inner.flush()

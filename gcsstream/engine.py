@@ -117,13 +117,24 @@ class Resume:
     session_uri: str
     #: ``(length, crc32c)`` of a prefix recorded earlier (the journal's); the input must match it.
     verify: tuple[int, int] | None = None
+    #: ``(length, crc32c)`` of longer prefixes that went out unconfirmed (a streamed request's):
+    #: the longest that the service holds is checked instead, since it holds only bytes sent.
+    sent: tuple[tuple[int, int], ...] = ()
+
+    def evidence(self, held: int) -> tuple[int, int] | None:
+        """The longest recorded prefix that the ``held`` bytes must begin with."""
+        confirmed = self.verify[0] if self.verify else 0
+        longer = [pair for pair in self.sent if confirmed < pair[0] <= held]
+        return max(longer) if longer else self.verify
 
 
 class SessionRecorder(Protocol):
     """Told where an upload stands, so that it can be resumed by another process (the journal).
 
     A recorder that writes in the background may also have ``flush()``: the engine calls it as the
-    run ends, since another process may take the upload over once this one is done.
+    run ends, since another process may take the upload over once this one is done. It may have
+    ``sent(offset, crc32c)``: a streamed request, confirmed only at its end, has sent that prefix
+    (a resume checks it against the input when the service holds at least that much).
     """
 
     def started(self, session_uri: str) -> None:
@@ -205,7 +216,7 @@ class Uploader:
             self._emit(UploadStarted(str(destination), expected, opts.chunk_size, resumed_at))
             while not session.finished:
                 self._retrying(
-                    lambda retried: self._transmit_next_chunk(session, retried, destination),
+                    lambda retried: self._transmit_next_chunk(session, retried, destination, recorder),
                     progress=lambda: window.confirmed[0],
                 )
                 window.release(session.bytes_uploaded)
@@ -279,7 +290,7 @@ class Uploader:
         held = session.process_resume_status(response, resume.verify[0] if resume.verify else 0)
         if held is None:  # it had finished: check the whole input against the object
             held = resource_int(parse_resource(response), "size") or 0
-            window.begin_at(held, verify=resume.verify)
+            window.begin_at(held, verify=resume.evidence(held))
             window.start()
             if window.read(1):
                 raise PrefixMismatch(
@@ -292,24 +303,34 @@ class Uploader:
                 f"the service holds {held} bytes of {destination}, fewer than the {resume.verify[0]} "
                 "it had confirmed; start the upload again"
             )
-        window.begin_at(held, verify=resume.verify)
+        window.begin_at(held, verify=resume.evidence(held))
         window.start()
         window.wait_skipped()  # a wrong input is refused here, before anything is sent
         return held
 
-    def _transmit_next_chunk(self, session: ResumableSession, resync: bool, destination: ObjectURL) -> None:
-        """Send the next chunk; after a failure, first ask the session what it holds."""
+    def _transmit_next_chunk(
+        self,
+        session: ResumableSession,
+        resync: bool,
+        destination: ObjectURL,
+        recorder: SessionRecorder | None,
+    ) -> None:
+        """Send the next chunk; after a failure, first ask the session what it holds (and record
+        it: a run that then gives up says, and journals, what the service holds)."""
         try:
             if resync:
+                confirmed = session.window.confirmed[0]
                 session.process_status(self._send(session.prepare_status(), destination))
                 if session.finished:
                     return  # the final chunk had arrived; only its answer was lost
+                if recorder is not None and session.window.confirmed[0] > confirmed:
+                    recorder.persisted(*session.window.confirmed)
             request = session.prepare_chunk()
             payload = request[2]
             size = len(payload or b"")
             before = session.bytes_uploaded
             if isinstance(payload, StreamedBody):  # progress as its pieces go out
-                payload.observer = lambda end: self._emit(BytesSent(end))
+                payload.observer = lambda end: self._streamed_to(end, session.window, recorder)
             else:
                 self._emit(ChunkSending(before, before + size))
             session.process_chunk(self._send(request, destination), size)
@@ -323,6 +344,14 @@ class Uploader:
                 if size
                 else "the service did not finish the upload"
             )
+
+    def _streamed_to(self, end: int, window: ChunkWindow, recorder: SessionRecorder | None) -> None:
+        """A streamed request has handed its bytes up to ``end`` to the socket."""
+        self._emit(BytesSent(end))
+        sent = getattr(recorder, "sent", None)
+        mark = window.mark_at_or_below(end) if sent is not None else None
+        if sent is not None and mark is not None:
+            sent(*mark)
 
     @staticmethod
     def _readable(response: requests.Response) -> requests.Response:

@@ -323,7 +323,11 @@ def _resume_of(entry: JournalEntry) -> Resume | None:
 
     if entry.is_parallel:
         return None
-    return Resume(entry.session_uri, verify=(entry.persisted, entry.persisted_crc32c))
+    return Resume(
+        entry.session_uri,
+        verify=(entry.persisted, entry.persisted_crc32c),
+        sent=tuple(entry.sent),
+    )
 
 
 def _same_kind(entry: JournalEntry, parallel: ParallelOptions | None) -> bool:

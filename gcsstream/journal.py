@@ -47,7 +47,11 @@ MAX_ENTRY_BYTES = 4 * 1024 * 1024
 #: 3: parallel uploads (a ``parallel`` record of parts); 4: a running part with the bytes its session
 #: confirmed. An entry is written in the oldest schema that holds it, so an older gcsstream still
 #: reads single uploads' entries. An entry of a newer schema is skipped, never rewritten or removed.
-SCHEMA = 4
+SCHEMA = 5
+#: The schema of an entry that records a prefix sent in a streamed request (``sent``).
+_SENT_SCHEMA = 5
+#: The schema of a parallel upload's entry whose running parts have confirmed bytes.
+_CONFIRMED_PARTS_SCHEMA = 4
 #: The schema of a parallel upload's entry whose running parts have confirmed nothing.
 _PARTS_SCHEMA = 3
 #: The schema of an entry without parts.
@@ -55,6 +59,24 @@ _SINGLE_SCHEMA = 2
 _ID_RE = re.compile(r"^[0-9a-f]{1,32}$")
 
 log = logging.getLogger("gcsstream.journal")
+
+
+#: How many prefixes sent unconfirmed an entry keeps (``JournalEntry.sent``).
+SENT_KEPT = 8
+
+
+def _sent_pairs(value: Any) -> list[tuple[int, int]]:
+    """``sent`` as read: ascending ``[length, crc32c]`` pairs of non-negative integers."""
+    pairs: list[tuple[int, int]] = []
+    if not isinstance(value, list) or len(value) > SENT_KEPT:
+        raise ValueError(f"'sent' is not a list of at most {SENT_KEPT} pairs")
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(_non_negative_int(n) for n in pair)) or (
+            pairs and pair[0] <= pairs[-1][0]
+        ):
+            raise ValueError("'sent' is not ascending [length, crc32c] pairs")
+        pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 def state_dir() -> Path:
@@ -221,6 +243,10 @@ class JournalEntry:
     expected_size: int | None = None
     persisted: int = 0
     persisted_crc32c: int = 0
+    #: Longer prefixes that went out in a streamed request (a file's), not yet confirmed, as
+    #: ``(length, crc32c)``, ascending, the last ``SENT_KEPT``: the service holds only bytes sent,
+    #: so if it holds at least a length, it holds those bytes (resume checks them).
+    sent: list[tuple[int, int]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     #: The format of the entry (``SCHEMA``); one read from an older schema is upgraded in memory.
@@ -248,11 +274,15 @@ class JournalEntry:
         data = asdict(self)
         for key in ("part_size", "connections", "parts", "running", "composed"):
             del data[key]
+        if self.sent and not self.is_parallel:
+            data["sent"] = [list(pair) for pair in self.sent]
+        else:
+            del data["sent"]
         if not self.is_parallel:
-            data["schema"] = _SINGLE_SCHEMA
+            data["schema"] = _SENT_SCHEMA if self.sent else _SINGLE_SCHEMA
             return data
         confirmed = any(p.confirmed for p in self.running)
-        data["schema"] = SCHEMA if confirmed else _PARTS_SCHEMA
+        data["schema"] = _CONFIRMED_PARTS_SCHEMA if confirmed else _PARTS_SCHEMA
         data["parallel"] = {
             "part_size": self.part_size,
             "connections": self.connections,
@@ -308,6 +338,10 @@ class JournalEntry:
             raise ValueError("unknown field 'parallel'")
         if "gzip" not in data and isinstance(data.get("source"), dict):  # journals before 0.x
             data["gzip"] = bool(data["source"].get("gzip"))
+        if "sent" in data:
+            if schema < _SENT_SCHEMA:
+                raise ValueError("unknown field 'sent'")
+            data["sent"] = _sent_pairs(data["sent"])
         ints = {"chunk_size", "persisted", "persisted_crc32c"}
         optional_ints = {"if_generation_match", "expected_size"}
         strings = {"id", "session_uri", "destination", "endpoint", "checksum"}
@@ -767,15 +801,28 @@ class JournalRecorder:
 
     def persisted(self, offset: int, crc32c: int) -> None:
         assert self.entry is not None
+        sent = [pair for pair in self.entry.sent if pair[0] > offset]  # the rest is confirmed
+        self._record(persisted=offset, persisted_crc32c=crc32c, sent=sent)
+
+    def _record(self, **fields: Any) -> None:
+        assert self.entry is not None
         if self._writer is None:
             self._writer = _BackgroundWriter(self.journal.write)
             self.journal.writes_behind(self.entry.id, self._writer)
         # First the write in flight: ``entry`` never runs ahead of the disk by more than the write
         # being made, so what an interrupted run prints is what ``resume`` will read.
         self._writer.wait()
-        self.entry.persisted, self.entry.persisted_crc32c = offset, crc32c
+        for name, value in fields.items():
+            setattr(self.entry, name, value)
         # A copy: the writer serializes it while the engine goes on updating ``entry``.
         self._writer.submit(replace(self.entry))
+
+    def sent(self, offset: int, crc32c: int) -> None:
+        """A streamed request has sent the first ``offset`` bytes (not yet confirmed)."""
+        assert self.entry is not None
+        last = self.entry.sent[-1][0] if self.entry.sent else 0
+        if offset > max(last, self.entry.persisted):
+            self._record(sent=[*self.entry.sent, (offset, crc32c)][-SENT_KEPT:])
 
     def flush(self) -> None:
         """Wait (bounded) for the entry to be on disk as last recorded; raise if it could not be."""

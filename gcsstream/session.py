@@ -199,6 +199,8 @@ class ResumableSession(ResumableUpload):
     ) -> None:
         super().__init__(upload_url, chunk_size)
         self._window = window
+        #: The bytes being uploaded (the engine records what it confirms).
+        self.window = window
         self._stream = window
         self._verify_crc32c = verify_crc32c
         self._verify_md5 = verify_md5
@@ -330,12 +332,13 @@ class ResumableSession(ResumableUpload):
 
     def _streamed_end(self, position: int) -> int:
         """Where a streamed request from ``position`` ends (0: send a chunk): the last whole 256
-        KiB unit before the end of a streamed window's input, if more than a chunk away."""
+        KiB unit before the end of a streamed window's input. Every request of a streamed window
+        but the final one is streamed, since the buffers below its oldest one are gone."""
         total = self._total_bytes
         if not self._window.streamed or total is None:
             return 0
         end = (total - 1) // CHUNK_QUANTUM * CHUNK_QUANTUM
-        return end if end - position > self._chunk_size else 0
+        return end if end > position else 0
 
     def _sent_so_far(self) -> int:
         """The end of the furthest byte sent (of a streamed body: handed to the socket)."""

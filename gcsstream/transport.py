@@ -144,6 +144,11 @@ class _SlicedBody:
         self._view = memoryview(b"")
         self._sent: memoryview | None = None
 
+    def again(self) -> _SlicedBody:
+        """The same body from its start, for a request sent again (google-auth's after a 401,
+        which may come before the first sending read it all)."""
+        return _SlicedBody(self._data, self._limiter)
+
     def _start(self) -> Iterator[Any]:
         pieces = getattr(self._data, "pieces", None)
         return pieces() if pieces is not None else iter((self._data,))
@@ -327,6 +332,21 @@ def _timed_session(session: _S, send_timeout: float) -> _S:
     return session
 
 
+def _authorized_session() -> Any:
+    """google-auth's session, each of whose sends (its own resend after refreshing the token on a
+    401 included) starts the body afresh: a 401 answered before the body was read left it
+    half-consumed, and the resend sent the rest as if it began at the first byte."""
+    from google.auth.transport.requests import AuthorizedSession
+
+    class _Authorized(AuthorizedSession):  # type: ignore[misc]
+        def request(self, method: Any, url: Any, data: Any = None, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            if isinstance(data, _SlicedBody):
+                data = data.again()
+            return super().request(method, url, data, *args, **kwargs)
+
+    return _Authorized
+
+
 def _is_anonymous(credentials: auth_credentials.Credentials) -> bool:
     from google.auth import credentials as auth_credentials
 
@@ -363,11 +383,10 @@ class Transport:
             # (which loads its service-account crypto, about 0.1 s) stays unimported.
             self._session = _timed_session(requests.Session(), io_timeout)
         else:
-            from google.auth.transport.requests import AuthorizedSession
             from google.auth.transport.requests import Request as AuthRequest
 
             self._session = _timed_session(
-                AuthorizedSession(credentials, auth_request=AuthRequest(self._token_session)), io_timeout
+                _authorized_session()(credentials, auth_request=AuthRequest(self._token_session)), io_timeout
             )
         _settle_environment(self._session, self.endpoint)
         self._io_timeout = io_timeout

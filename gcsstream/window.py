@@ -234,6 +234,15 @@ class ChunkWindow:
             del self._marks[: self._mark_at(offset)]  # none below the floor is asked for again
             self._cond.notify_all()
 
+    def mark_at_or_below(self, offset: int) -> tuple[int, int] | None:
+        """Streamed: ``(start, CRC32C of the bytes before it)`` of the last buffer that starts at
+        or below ``offset`` and above the confirmed bytes; None if there is none."""
+        with self._cond:
+            if self._reread is None or offset <= self._floor:
+                return None
+            mark = self._marks[self._mark_at(offset)]
+            return mark if mark[0] > self._floor else None
+
     def _mark_at(self, offset: int) -> int:
         """The index of the last mark at or below ``offset``."""
         return bisect.bisect_right(self._marks, (offset, 1 << 32)) - 1
@@ -257,7 +266,17 @@ class ChunkWindow:
         raise IntegrityError(f"offset {offset} is outside the window")
 
     def _slice(self, start: int, end: int) -> Chunk:
-        parts = []
+        parts: list[Chunk] = []
+        held_from = self._buffers[0][0] if self._buffers else self._read_end
+        if self._reread is not None and start < held_from:
+            # Streamed: those buffers went once sent; read the bytes again.
+            want = min(end, held_from) - start
+            again = self._reread(start, want)
+            if len(again) < want:
+                raise SourceError(f"{self._source.description} shrank while it was being uploaded")
+            if want == end - start:
+                return again
+            parts.append(again)
         for offset, data, _ in self._buffers:
             if offset >= end:
                 break

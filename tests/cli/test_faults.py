@@ -119,6 +119,18 @@ def test_401_during_a_streamed_request_sends_all_of_it_again(server, put, servic
     assert_stored(server, BUCKET, "obj", data)
 
 
+@pytest.mark.parametrize("from_file", [True, False], ids=["file", "pipe"])
+def test_401_before_the_body_is_read_resends_all_of_it(server, put, service_account, from_file):
+    """The server answers 401 at once and drops the body: the resend after refreshing starts the
+    body afresh (it used to go on from where the first sending had stopped, as if from byte 0)."""
+    key, tokens = service_account
+    server.faults.add(Fault("unauthorized", on="chunk", nth=1, read_body=False))
+    proc, data = put(f"--credentials {key}", size=64 * CHUNK + 1000, from_file=from_file)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert server.faults.applied("unauthorized") and len(tokens.tokens) == 2
+    assert_stored(server, BUCKET, "obj", data)
+
+
 @pytest.mark.parametrize("seconds", [1, 1.5])
 def test_429_retry_after_is_honoured(server, put, seconds):
     """The next request comes no sooner than Retry-After says (the backoff alone waits ~0.05 s)."""

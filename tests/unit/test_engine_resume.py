@@ -193,3 +193,57 @@ def test_a_run_ends_only_after_the_recorder_has_flushed_what_it_recorded(fails):
         uploader(service).upload(IterableSource([data]), DEST, recorder=recorder)
         assert recorder.log[-2:] == [("flush",), ("finished",)]
     assert ("persisted", CHUNK, google_crc32c.value(data[:CHUNK])) in recorder.log
+
+
+def test_what_a_status_query_confirms_is_recorded_before_the_run_gives_up(tmp_path):
+    """A file's one streamed request is cut; the status query finds 4 units held, and every
+    request after it fails: the recorder hears of the 4 units (with their CRC32C), so the give-up
+    message and a resume know them, though no answer to a chunk ever confirmed them."""
+    data = os.urandom(12 * CHUNK + 5)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    service = FakeService()
+    service.fail("stream", ("cut", 6 * CHUNK, 4 * CHUNK))
+    service.fail("chunk", *([503] * 1000))
+    recorder = Recorder()
+    with pytest.raises(TransientError):
+        uploader(service).upload(FileSource(path), DEST, recorder=recorder)
+    persisted = [entry for entry in recorder.log if entry[0] == "persisted"]
+    assert persisted == [("persisted", 4 * CHUNK, google_crc32c.value(data[: 4 * CHUNK]))]
+
+
+class SentRecorder(Recorder):
+    def sent(self, offset: int, crc32c: int) -> None:
+        self.log.append(("sent", offset, crc32c))
+
+
+def test_a_streamed_request_records_each_prefix_sent_and_resume_checks_the_longest_held(tmp_path):
+    data = os.urandom(12 * CHUNK + 5)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    service = FakeService()
+    service.fail("stream", ("cut", 9 * CHUNK, 7 * CHUNK))
+    service.fail("status", *([503] * 1000))  # nothing is confirmed
+    recorder = SentRecorder()
+    with pytest.raises(TransientError):
+        uploader(service).upload(FileSource(path), DEST, recorder=recorder)
+    sent = [(offset, crc) for kind, *rest in recorder.log if kind == "sent" for offset, crc in [rest]]
+    assert sent == sorted(sent) and sent[-1][0] >= 7 * CHUNK  # the journal keeps each once
+    assert all(crc == google_crc32c.value(data[:offset]) for offset, crc in sent)
+    assert not [entry for entry in recorder.log if entry[0] == "persisted"]
+    service._faults.clear()
+    session_uri = recorder.log[0][1]
+    wrong = bytearray(data)
+    wrong[5 * CHUNK] ^= 1
+    other = tmp_path / "g"
+    other.write_bytes(bytes(wrong))
+    calls = len(service.calls)
+    with pytest.raises(PrefixMismatch):  # checked against the longest prefix sent that is held
+        uploader(service).upload(
+            FileSource(other), DEST, resume=Resume(session_uri, verify=(0, 0), sent=tuple(sent))
+        )
+    assert [c.kind for c in service.calls[calls:]] == ["status"]
+    result = uploader(service).upload(
+        FileSource(path), DEST, resume=Resume(session_uri, verify=(0, 0), sent=tuple(sent))
+    )
+    assert stored(service) == data and result.size == len(data)

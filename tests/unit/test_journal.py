@@ -316,11 +316,11 @@ def test_an_entry_of_a_newer_schema_is_skipped_and_left_alone(tmp_path):
     journal = Journal(tmp_path / "state")
     journal.check_writable()
     path = tmp_path / "state" / "0000000b.json"
-    data = {"id": "0000000b", **entry_fields(settings()), "schema": 5, "stripes": [{"what": "ever"}]}
+    data = {"id": "0000000b", **entry_fields(settings()), "schema": 6, "stripes": [{"what": "ever"}]}
     path.write_text(json.dumps(data))
     before = path.read_bytes()
     with pytest.raises(
-        UsageError, match=r"is not used: it was written by a newer gcsstream \(journal schema 5"
+        UsageError, match=r"is not used: it was written by a newer gcsstream \(journal schema 6"
     ):
         journal.load("0000000b")
     warnings: list[str] = []
@@ -345,7 +345,7 @@ def test_a_parallel_entry_round_trips_through_its_file_as_schema_3(tmp_path):
     journal = Journal(tmp_path / "state")
     journal.check_writable()
     entry = JournalEntry.from_json(parallel_entry(), "0000000a")
-    assert entry.schema == journal_module.SCHEMA == 4  # in memory; written in the oldest that holds it
+    assert entry.schema == journal_module.SCHEMA == 5  # in memory; written in the oldest that holds it
     assert entry.is_parallel and (entry.part_size, entry.connections, entry.session_uri) == (PART, 4, "")
     assert entry.parts == [FinishedPart(0, PART, 100, 5), FinishedPart(2, PART, 2**32 - 1, 6)]
     assert entry.running == [RunningPart(1, RUNNING_URI)]
@@ -851,3 +851,22 @@ def test_a_parallel_run_keeps_its_lock_until_a_late_write_has_landed(tmp_path, m
     recorder.close()
     monkeypatch.setattr(journal_module, "JOURNAL_WRITE_TIMEOUT", 10.0)
     _released_only_after_the_late_write(journal, entry.id, recorder._writer)
+
+
+def test_a_prefix_sent_unconfirmed_is_written_as_schema_5_and_refused_below_it(tmp_path):
+    """``sent`` (a streamed request's prefix, not confirmed) needs schema 5; an entry without it is
+    still written as schema 2, which every gcsstream reads."""
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    entry = journal.new_entry(**entry_fields(settings()))
+    assert json.loads((tmp_path / "state" / f"{entry.id}.json").read_text())["schema"] == 2
+    entry.sent = [(16 * QUANTUM, 99), (32 * QUANTUM, 1234)]
+    journal.write(entry)
+    written = json.loads((tmp_path / "state" / f"{entry.id}.json").read_text())
+    assert written["schema"] == 5 and written["sent"] == [[16 * QUANTUM, 99], [32 * QUANTUM, 1234]]
+    assert Journal(tmp_path / "state").load(entry.id) == entry
+    with pytest.raises(ValueError, match="unknown field 'sent'"):
+        JournalEntry.from_json({**written, "schema": 2}, entry.id)
+    for bad in ([[2, 1], [1, 1]], [[1]], "x", [[-1, 0]]):
+        with pytest.raises(ValueError, match="'sent' is not"):
+            JournalEntry.from_json({**written, "sent": bad}, entry.id)

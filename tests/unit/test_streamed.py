@@ -42,12 +42,12 @@ def test_a_file_goes_out_in_one_streamed_request_and_a_final_one_with_its_hash(t
     assert final.headers["X-Goog-Hash"] == f"crc32c={crc32c_b64(data)}"
 
 
-def test_a_file_of_a_chunk_or_less_is_sent_as_before(tmp_path):
-    data, path = a_file(tmp_path, CHUNK + 5)
+def test_a_file_of_one_unit_or_less_is_one_final_request(tmp_path):
+    data, path = a_file(tmp_path, QUANTUM - 5)
     service = FakeService()
     run(service, FileSource(path))
     assert stored(service) == data
-    assert service.streamed_sizes == []
+    assert service.streamed_sizes == [] and [c.kind for c in service.calls][1:] == ["final"]
 
 
 def test_a_pipe_or_iterable_is_still_sent_in_chunks():
@@ -163,3 +163,24 @@ def test_a_resumed_file_streams_the_rest(tmp_path):
     )
     assert stored(service) == data and result.crc32c == crc32c_b64(data)
     assert service.streamed_sizes[-1] == (len(data) - 1) // QUANTUM * QUANTUM - 8 * CHUNK
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        ("chunk", ("keep", 39 * QUANTUM)),
+        ("chunk", ("keep", 38 * QUANTUM)),
+        ("stream", ("cut", 41 * QUANTUM, 39 * QUANTUM)),
+    ],
+    ids=["short-range-39", "short-range-38", "cut-then-status"],
+)
+def test_a_resend_within_a_chunk_of_the_end_reads_the_gone_buffers_again(tmp_path, fault):
+    """The service keeps less than a chunk short of the streamed end, below the oldest buffer
+    still held (the last starts at 40 units): the resend is streamed too, read from the file,
+    and never a chunk with a hole in it (found by helper-24's review)."""
+    data, path = a_file(tmp_path, 42 * QUANTUM + 100)
+    service = FakeService()
+    service.fail(*fault)
+    result, _ = run(service, FileSource(path), chunk_size=4 * QUANTUM)
+    assert stored(service) == data and result.crc32c == crc32c_b64(data)
+    assert len(service.streamed_sizes) == 2
