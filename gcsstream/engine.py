@@ -213,6 +213,8 @@ class Uploader:
                 resumed_at = self._attach(session, window, resume, destination)
             if recorder is not None:
                 recorder.started(str(session.resumable_url))
+                if resume is not None and resumed_at:  # held and checked: the journal's now
+                    recorder.persisted(*window.confirmed)
             self._emit(UploadStarted(str(destination), expected, opts.chunk_size, resumed_at))
             while not session.finished:
                 self._retrying(

@@ -787,6 +787,8 @@ class JournalRecorder:
         self.entry = entry
         self._fields = fields
         self._writer: _BackgroundWriter | None = None
+        #: How far beyond the last prefix sent the next one must be to be recorded (``sent``).
+        self._sent_step = entry.chunk_size if entry is not None else int(fields.get("chunk_size", 1))
 
     @classmethod
     def for_new(
@@ -800,9 +802,11 @@ class JournalRecorder:
             self.entry = self.journal.new_entry(session_uri=session_uri, **self._fields)
 
     def persisted(self, offset: int, crc32c: int) -> None:
+        # The prefixes sent go too: below ``offset`` they are confirmed, and above it they were
+        # not kept (what goes out again may be read again), or are another run's (a resume).
         assert self.entry is not None
-        sent = [pair for pair in self.entry.sent if pair[0] > offset]  # the rest is confirmed
-        self._record(persisted=offset, persisted_crc32c=crc32c, sent=sent)
+        self._sent_step = self.entry.chunk_size
+        self._record(persisted=offset, persisted_crc32c=crc32c, sent=[])
 
     def _record(self, **fields: Any) -> None:
         assert self.entry is not None
@@ -818,11 +822,21 @@ class JournalRecorder:
         self._writer.submit(replace(self.entry))
 
     def sent(self, offset: int, crc32c: int) -> None:
-        """A streamed request has sent the first ``offset`` bytes (not yet confirmed)."""
+        """A streamed request has sent the first ``offset`` bytes (not yet confirmed).
+
+        Kept spread out, not only the newest: a prefix is recorded once it is ``_sent_step``
+        beyond the last one, and when ``SENT_KEPT`` are exceeded every other one goes and the
+        step doubles, so that one at most about an eighth of the way below the newest is left
+        for a service that holds less (socket buffers, a kill). That is a few dozen writes a
+        file, and none waits for the disk: the sender never stalls on the journal."""
         assert self.entry is not None
-        last = self.entry.sent[-1][0] if self.entry.sent else 0
-        if offset > max(last, self.entry.persisted):
-            self._record(sent=[*self.entry.sent, (offset, crc32c)][-SENT_KEPT:])
+        last = self.entry.sent[-1][0] if self.entry.sent else self.entry.persisted
+        if offset < last + self._sent_step or (self._writer is not None and self._writer.busy):
+            return
+        pairs = [*self.entry.sent, (offset, crc32c)]
+        if len(pairs) > SENT_KEPT:
+            pairs, self._sent_step = pairs[::2], self._sent_step * 2
+        self._record(sent=pairs)
 
     def flush(self) -> None:
         """Wait (bounded) for the entry to be on disk as last recorded; raise if it could not be."""
@@ -1016,6 +1030,12 @@ class _BackgroundWriter:
                     raise
                 self._thread = thread
             self._cond.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """A write is pending or in flight."""
+        with self._cond:
+            return self._busy
 
     def wait(self) -> None:
         """Until no write is in flight (bounded); raise the error of the last one, if any."""

@@ -68,6 +68,9 @@ class ChunkWindow:
         # that the CRC32C at an offset whose buffer is gone is found again (``_crc32c_at``).
         self._marks: list[tuple[int, int]] = [(0, 0)]
         self._reader_done = False  # the reader thread has finished (and closed the source unless streamed)
+        # Streamed: bytes were read from the file again, which may have changed since the first
+        # reading, whose CRC32C values the marks hold: they no longer say what was sent.
+        self._read_again = False
         self._thread = HelperThread(self._fill, name="gcsstream-reader")
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -176,6 +179,7 @@ class ChunkWindow:
             held_from = self._buffers[0][0] if self._buffers else self._read_end
         # A resend of bytes whose buffers are gone: read them from the file again.
         want = min(end, held_from, offset + self._chunk_size) - offset
+        self._read_again = True
         data = self._reread(offset, want)
         if len(data) < want:
             raise SourceError(f"{self._source.description} shrank while it was being uploaded")
@@ -236,9 +240,10 @@ class ChunkWindow:
 
     def mark_at_or_below(self, offset: int) -> tuple[int, int] | None:
         """Streamed: ``(start, CRC32C of the bytes before it)`` of the last buffer that starts at
-        or below ``offset`` and above the confirmed bytes; None if there is none."""
+        or below ``offset`` and above the confirmed bytes; None if there is none, or once bytes were
+        read again (their CRC32C may not be the marks')."""
         with self._cond:
-            if self._reread is None or offset <= self._floor:
+            if self._reread is None or self._read_again or offset <= self._floor:
                 return None
             mark = self._marks[self._mark_at(offset)]
             return mark if mark[0] > self._floor else None
@@ -271,6 +276,7 @@ class ChunkWindow:
         if self._reread is not None and start < held_from:
             # Streamed: those buffers went once sent; read the bytes again.
             want = min(end, held_from) - start
+            self._read_again = True
             again = self._reread(start, want)
             if len(again) < want:
                 raise SourceError(f"{self._source.description} shrank while it was being uploaded")

@@ -959,22 +959,30 @@ def test_no_clobber_is_checked_again_at_finalize(server, env, tmp_path):
     assert server.read_object(BUCKET, "late") == b"theirs"
 
 
-def test_a_file_cut_off_mid_request_resumes_only_from_the_same_bytes(server, env, tmp_path):
-    """``put - < FILE`` sends one streamed request. Cut off once the service kept 4 MiB, every
+@pytest.mark.parametrize(
+    ("chunk", "kept", "changed_at"),
+    [("512KiB", 4 * CHUNK, CHUNK + 5), ("256KiB", CHUNK, 100)],
+    ids=["kept-4MiB", "small-chunks-kept-1MiB"],
+)
+def test_a_file_cut_off_mid_request_resumes_only_from_the_same_bytes(
+    server, env, tmp_path, chunk, kept, changed_at
+):
+    """``put - < FILE`` sends one streamed request. Cut off once the service kept some of it, every
     later request refused (so nothing was confirmed), the journal still knows what went out: a
     resume fed other bytes is refused before anything is sent, the session kept; the right bytes
-    finish it (found by helper-24's review: the session used to be cancelled at the final hash)."""
+    finish it (found by helper-24's review: the session used to be cancelled at the final hash;
+    with small chunks, by helper-25's: the journal kept only prefixes above what was held)."""
     data = os.urandom(8 * CHUNK + 1000)
     src, other = tmp_path / "a.bin", tmp_path / "b.bin"
     src.write_bytes(data)
     changed = bytearray(data)
-    changed[CHUNK + 5] ^= 1
+    changed[changed_at] ^= 1
     other.write_bytes(bytes(changed))
-    server.faults.add(Fault("reset", on="chunk", nth=1, after_bytes=6 * CHUNK, persist=4 * CHUNK))
+    server.faults.add(Fault("reset", on="chunk", nth=1, after_bytes=6 * CHUNK, persist=kept))
     server.faults.add(Fault("status", status=503, on="put", nth=2, times=10_000))
     with open(src, "rb") as stdin:
         r = subprocess.run(
-            ["gcsstream", "put", "--chunk-size", "512KiB", "--retry-deadline", "0.5",
+            ["gcsstream", "put", "--chunk-size", chunk, "--retry-deadline", "0.5",
              "--retry-initial-delay", "0.05", "-", f"gs://{BUCKET}/cut"],
             stdin=stdin, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -986,7 +994,7 @@ def test_a_file_cut_off_mid_request_resumes_only_from_the_same_bytes(server, env
     assert rc == 3 and "differ from the ones uploaded" in err, err
     assert [q.kind for q in server.requests if q.seq > before] == ["status"]
     (session,) = server.sessions()
-    assert session.persisted == 4 * CHUNK and not session.cancelled
+    assert session.persisted == kept and not session.cancelled
     rc, _, err = finish(gcs(f"resume {entry['id']} -", env, src))
     assert rc == 0, err
     assert_stored(server, BUCKET, "cut", data)

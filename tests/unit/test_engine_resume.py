@@ -247,3 +247,19 @@ def test_a_streamed_request_records_each_prefix_sent_and_resume_checks_the_longe
         FileSource(path), DEST, resume=Resume(session_uri, verify=(0, 0), sent=tuple(sent))
     )
     assert stored(service) == data and result.size == len(data)
+
+
+def test_no_prefix_is_recorded_as_sent_once_bytes_were_read_again(tmp_path):
+    """A resend reads bytes from the file again, which may have changed since the first reading
+    whose CRC32C values the marks hold: from then on nothing is recorded as sent (helper-25)."""
+    data = os.urandom(24 * CHUNK + 5)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    service = FakeService()
+    service.fail("stream", ("cut", 12 * CHUNK, 2 * CHUNK))  # chunks 2.. are read again
+    recorder = SentRecorder()
+    uploader(service).upload(FileSource(path), DEST, recorder=recorder)
+    assert stored(service) == data
+    kinds = [entry[0] for entry in recorder.log]
+    resynced = kinds.index("persisted")  # the status query's 2 chunks
+    assert "sent" in kinds[:resynced] and "sent" not in kinds[resynced:]

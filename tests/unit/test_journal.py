@@ -870,3 +870,28 @@ def test_a_prefix_sent_unconfirmed_is_written_as_schema_5_and_refused_below_it(t
     for bad in ([[2, 1], [1, 1]], [[1]], "x", [[-1, 0]]):
         with pytest.raises(ValueError, match="'sent' is not"):
             JournalEntry.from_json({**written, "sent": bad}, entry.id)
+
+
+def test_prefixes_sent_are_few_and_spread_and_go_when_bytes_are_confirmed(tmp_path):
+    """A long streamed request records a few dozen prefixes, not one per chunk, and keeps one low
+    enough for a service that holds much less than was sent (helper-25); a confirmation clears
+    them: below it they are confirmed, above it they were not kept, or are another run's."""
+    journal = Journal(tmp_path / "state")
+    journal.check_writable()
+    writes = []
+    write = journal.write
+    journal.write = lambda entry: (writes.append(entry.sent), write(entry))  # type: ignore[method-assign]
+    fields = entry_fields(settings())
+    uri = fields.pop("session_uri")
+    recorder = JournalRecorder(journal, **{**fields, "chunk_size": QUANTUM})
+    recorder.started(uri)
+    for k in range(1, 4097):  # 1 GiB in 256 KiB pieces
+        recorder.sent(k * QUANTUM, k)
+        recorder.flush()  # as if each write were done before the next piece: the most writes
+    assert len(writes) <= 60, len(writes)
+    kept = recorder.entry.sent
+    assert len(kept) <= 8 and kept == sorted(kept) and kept[-1][0] >= 3500 * QUANTUM
+    assert kept[0][0] <= 4096 * QUANTUM // 4  # one well below the newest
+    recorder.persisted(2 * QUANTUM, 7)
+    recorder.flush()
+    assert recorder.entry.sent == [] and Journal(tmp_path / "state").load(recorder.entry.id).sent == []
