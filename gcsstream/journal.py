@@ -789,6 +789,8 @@ class JournalRecorder:
         self._writer: _BackgroundWriter | None = None
         #: How far beyond the last prefix sent the next one must be to be recorded (``sent``).
         self._sent_step = entry.chunk_size if entry is not None else int(fields.get("chunk_size", 1))
+        #: The prefixes sent, as recorded (the entry's may lag while a write is in flight).
+        self._sent: list[tuple[int, int]] = list(entry.sent) if entry is not None else []
 
     @classmethod
     def for_new(
@@ -805,7 +807,7 @@ class JournalRecorder:
         # The prefixes sent go too: below ``offset`` they are confirmed, and above it they were
         # not kept (what goes out again may be read again), or are another run's (a resume).
         assert self.entry is not None
-        self._sent_step = self.entry.chunk_size
+        self._sent, self._sent_step = [], self.entry.chunk_size
         self._record(persisted=offset, persisted_crc32c=crc32c, sent=[])
 
     def _record(self, **fields: Any) -> None:
@@ -828,18 +830,23 @@ class JournalRecorder:
         beyond the last one, and when ``SENT_KEPT`` are exceeded every other one goes and the
         step doubles, so that one at most about an eighth of the way below the newest is left
         for a service that holds less (socket buffers, a kill). That is a few dozen writes a
-        file, and none waits for the disk: the sender never stalls on the journal."""
+        file, and none waits for the disk: the sender never stalls on the journal. While a write
+        is in flight they are only kept in memory, for the next write or ``flush``."""
         assert self.entry is not None
-        last = self.entry.sent[-1][0] if self.entry.sent else self.entry.persisted
-        if offset < last + self._sent_step or (self._writer is not None and self._writer.busy):
+        last = self._sent[-1][0] if self._sent else self.entry.persisted
+        if offset < last + self._sent_step:
             return
-        pairs = [*self.entry.sent, (offset, crc32c)]
+        pairs = [*self._sent, (offset, crc32c)]
         if len(pairs) > SENT_KEPT:
             pairs, self._sent_step = pairs[::2], self._sent_step * 2
-        self._record(sent=pairs)
+        self._sent = pairs
+        if self._writer is None or not self._writer.busy:
+            self._record(sent=list(pairs))
 
     def flush(self) -> None:
         """Wait (bounded) for the entry to be on disk as last recorded; raise if it could not be."""
+        if self.entry is not None and self._sent != self.entry.sent:
+            self._record(sent=list(self._sent))  # prefixes sent while a write was in flight
         if self._writer is not None:
             self._writer.wait()
 

@@ -71,13 +71,17 @@ SURVIVABLE = [
 ]
 
 
-@pytest.mark.parametrize("fault", SURVIVABLE)
-def test_fault_is_survived(server, put, fault):
+def survives(server, put, fault, **how) -> None:
     server.faults.add(fault)
-    proc, data = put()
+    proc, data = put(**how)
     assert proc.returncode == 0, proc.stderr.decode()
     assert server.faults.applied(fault.kind), "the fault never fired"
     assert_stored(server, BUCKET, "obj", data)
+
+
+@pytest.mark.parametrize("fault", SURVIVABLE)
+def test_fault_is_survived(server, put, fault):
+    survives(server, put, fault)
 
 
 STREAMED_SIZE = 16 * CHUNK + 1000  # 8 MiB: one streamed request of 8 MiB, then a final 1000 bytes
@@ -99,11 +103,7 @@ STREAMED = [
 
 @pytest.mark.parametrize("fault", STREAMED)
 def test_fault_is_survived_by_a_file_streamed_in_one_request(server, put, fault):
-    server.faults.add(fault)
-    proc, data = put(size=STREAMED_SIZE, from_file=True)
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert server.faults.applied(fault.kind), "the fault never fired"
-    assert_stored(server, BUCKET, "obj", data)
+    survives(server, put, fault, size=STREAMED_SIZE, from_file=True)
     first = next(r for r in server.requests if r.kind in ("chunk", "final"))
     assert first.content_length == (STREAMED_SIZE - 1) // QUANTUM * QUANTUM  # one request for it all
 
