@@ -351,8 +351,7 @@ class Uploader:
         """A streamed request has handed its bytes up to ``end`` to the socket."""
         self._emit(BytesSent(end))
         sent = getattr(recorder, "sent", None)
-        mark = window.mark_at_or_below(end) if sent is not None else None
-        if sent is not None and mark is not None:
+        if sent is not None and (mark := window.mark_at_or_below(end)) is not None:
             sent(*mark)
 
     @staticmethod

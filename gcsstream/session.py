@@ -199,8 +199,6 @@ class ResumableSession(ResumableUpload):
     ) -> None:
         super().__init__(upload_url, chunk_size)
         self._window = window
-        #: The bytes being uploaded (the engine records what it confirms).
-        self.window = window
         self._stream = window
         self._verify_crc32c = verify_crc32c
         self._verify_md5 = verify_md5
@@ -214,6 +212,11 @@ class ResumableSession(ResumableUpload):
         self.created_here = False
         #: The object's size or checksums were compared and differ from what was read.
         self.proven_wrong = False
+
+    @property
+    def window(self) -> ChunkWindow:
+        """The bytes being uploaded (the engine records what it confirms)."""
+        return self._window
 
     # -- initiate -------------------------------------------------------------------------------
 

@@ -178,10 +178,17 @@ class ChunkWindow:
                 return memoryview(data)[offset - start : min(end, start + len(data)) - start]
             held_from = self._buffers[0][0] if self._buffers else self._read_end
         # A resend of bytes whose buffers are gone: read them from the file again.
-        want = min(end, held_from, offset + self._chunk_size) - offset
-        self._read_again = True
-        data = self._reread(offset, want)
-        if len(data) < want:
+        return self._from_file(offset, min(end, held_from, offset + self._chunk_size) - offset)
+
+    def _from_file(self, offset: int, n: int, *, to_send: bool = True) -> bytes:
+        """``n`` bytes at ``offset`` read from the file again (a streamed window's buffers go once
+        sent). Bytes ``to_send`` may differ from the first reading, whose CRC32C values the marks
+        hold: from then on no mark says what was sent (``mark_at_or_below``)."""
+        assert self._reread is not None
+        if to_send:
+            self._read_again = True
+        data = self._reread(offset, n)
+        if len(data) < n:
             raise SourceError(f"{self._source.description} shrank while it was being uploaded")
         return data
 
@@ -264,10 +271,7 @@ class ChunkWindow:
         if self._reread is not None and self._floor <= offset < self._read_end:
             # Streamed, and the buffer is gone: from the mark below, over the bytes read again.
             start, crc = self._marks[self._mark_at(offset)]
-            data = self._reread(start, offset - start) if offset > start else b""
-            if len(data) < offset - start:
-                raise SourceError(f"{self._source.description} shrank while it was being uploaded")
-            return crc32c_extend(crc, data) if data else crc
+            return crc32c_extend(crc, self._from_file(start, offset - start, to_send=False))
         raise IntegrityError(f"offset {offset} is outside the window")
 
     def _slice(self, start: int, end: int) -> Chunk:
@@ -275,12 +279,8 @@ class ChunkWindow:
         held_from = self._buffers[0][0] if self._buffers else self._read_end
         if self._reread is not None and start < held_from:
             # Streamed: those buffers went once sent; read the bytes again.
-            want = min(end, held_from) - start
-            self._read_again = True
-            again = self._reread(start, want)
-            if len(again) < want:
-                raise SourceError(f"{self._source.description} shrank while it was being uploaded")
-            if want == end - start:
+            again = self._from_file(start, min(end, held_from) - start)
+            if len(again) == end - start:
                 return again
             parts.append(again)
         for offset, data, _ in self._buffers:
