@@ -60,7 +60,6 @@ def enabled() -> bool:
 def install(stream: Any = None) -> None:
     """Send debug logging (ours and the libraries') to stderr, redacted and timestamped."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.addFilter(_drop_urllib3_request_lines)  # before redaction rewrites record.msg
     handler.addFilter(RedactingFilter())
     formatter = logging.Formatter("%(asctime)s gcsstream: debug: %(message)s", "%Y-%m-%dT%H:%M:%SZ")
     formatter.converter = time.gmtime
@@ -68,16 +67,11 @@ def install(stream: Any = None) -> None:
     logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
 
 
-def _drop_urllib3_request_lines(record: logging.LogRecord) -> bool:
-    """urllib3's ``"PUT /path HTTP/1.1" 308 0`` lines repeat what ``log_exchange`` shows."""
-    return not (record.name.startswith("urllib3") and str(record.msg).startswith('%s://%s:%s "'))
-
-
 def log_exchange(response: Any, *args: Any, **kwargs: Any) -> None:
-    """A ``requests`` response hook: log the exchange that produced ``response``."""
+    """A response hook (``Transport.add_response_hook``): log the exchange that produced ``response``."""
     request = response.request
     arrived = time.time()
-    took = response.elapsed.total_seconds()
+    took = response.elapsed
     _emit(arrived - took, f"> {request.method} {request.url}")
     for name in REQUEST_HEADERS:
         value = request.headers.get(name)

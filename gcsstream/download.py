@@ -21,12 +21,10 @@ import stat
 import time
 import urllib.parse
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-
-import requests
 
 from gcsstream.checksums import crc32c_extend, encode_crc32c
 from gcsstream.errors import (
@@ -46,13 +44,15 @@ from gcsstream.retry import (
     RETRYABLE_EXCEPTIONS,
     RETRYABLE_STATUSES,
     Failure,
+    HeaderLookup,
+    NetworkError,
     Retryable,
     describe_network_error,
     retryable,
     run_with_retries,
 )
 from gcsstream.session import bucket_url, object_url
-from gcsstream.transport import Transport
+from gcsstream.transport import Response, Transport
 
 PIECE = 1 << 20
 #: ``download_to_file`` keeps FILE's bytes in ``.FILE`` + this, beside it, until they are verified.
@@ -79,7 +79,7 @@ def parse_range(text: str) -> tuple[int, int | None]:
 
 
 def check_media_answer(
-    status: int, headers: Mapping[str, str], first: int, last: int, size: int, name: str
+    status: int, headers: HeaderLookup, first: int, last: int, size: int, name: str
 ) -> None:
     """Refuse an answer to ``Range: bytes=FIRST-LAST`` that does not carry exactly those bytes.
 
@@ -426,14 +426,14 @@ class Downloader:
             # read1, not stream(): stream() waits to fill each piece, so a broken connection
             # would lose the bytes of the piece in progress and resume earlier than it reached.
             while position[0] <= last:
-                piece = response.raw.read1(min(PIECE, last + 1 - position[0]), decode_content=False)
+                piece = response.raw.read1(min(PIECE, last + 1 - position[0]))
                 if not piece:
-                    raise requests.ConnectionError("the response ended early")
+                    raise NetworkError("the media answer ended early")
                 take(piece)
                 position[0] += len(piece)
                 if self._on_progress is not None:
                     self._on_progress(position[0] - first)
-            if response.raw.read1(1, decode_content=False):
+            if response.raw.read1(1):
                 raise ServiceError(
                     f"the service sent more than the {last + 1 - first} bytes asked of {source}"
                 )
@@ -445,7 +445,7 @@ class Downloader:
         with contextlib.closing(response):
             if response.status_code != 200:
                 raise ServiceError(f"the service answered a read of {source} with {response.status_code}")
-            piece = response.raw.read1(1, decode_content=False)
+            piece = response.raw.read1(1)
         take(piece)
         return len(piece)
 
@@ -491,7 +491,7 @@ class Downloader:
             checks.append("md5")
         return tuple(checks)
 
-    def _get(self, url: str, headers: dict[str, str], *, stream: bool = False) -> requests.Response:
+    def _get(self, url: str, headers: dict[str, str], *, stream: bool = False) -> Response:
         response = self._transport.request("GET", url, headers=headers, stream=stream)
         if response.status_code in RETRYABLE_STATUSES:
             response.close()

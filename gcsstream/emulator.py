@@ -52,8 +52,8 @@ def recognise(response: Any) -> str | None:
 
 
 class EmulatorNotice:
-    """A ``requests`` response hook that calls ``say(origin, name, differences)`` the first time
-    an answer comes from a known emulator, and never again."""
+    """A response hook (``Transport.add_response_hook``) that calls ``say(origin, name,
+    differences)`` the first time an answer comes from a known emulator, and never again."""
 
     def __init__(self, say: Callable[[str, str, str], None]) -> None:
         self._say = say

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import requests
 from google.resumable_media import common
 
 from gcsstream.checksums import Checksums
@@ -64,7 +63,7 @@ from gcsstream.session import (
     status_request,
 )
 from gcsstream.sources import ChunkSource
-from gcsstream.transport import HTTPTransport
+from gcsstream.transport import HTTPTransport, Response
 from gcsstream.window import ChunkWindow, StreamedBody
 
 T = TypeVar("T")
@@ -355,7 +354,7 @@ class Uploader:
             sent(*mark)
 
     @staticmethod
-    def _readable(response: requests.Response) -> requests.Response:
+    def _readable(response: Response) -> Response:
         """A status answer whose object resource cannot be read is asked again."""
         if response.status_code in (200, 201):
             try:
@@ -382,7 +381,7 @@ class Uploader:
             clock=self._clock,
         )
 
-    def _send(self, request: Request, destination: ObjectURL) -> requests.Response:
+    def _send(self, request: Request, destination: ObjectURL) -> Response:
         """One HTTP exchange; transient failures become ``Retryable``, others typed errors."""
         method, url, payload, headers = request
         response = exchange(
@@ -393,7 +392,7 @@ class Uploader:
         return response
 
     def _error_for(
-        self, response: requests.Response, method: str, headers: dict[str, str], destination: ObjectURL
+        self, response: Response, method: str, headers: dict[str, str], destination: ObjectURL
     ) -> GcsstreamError:
         """The typed error for a final answer, worded after what the request was and asked for."""
         status = response.status_code

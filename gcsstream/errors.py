@@ -143,7 +143,7 @@ _TAG = re.compile(r"<[^>]+>")
 
 
 def service_message(response: Any) -> str:
-    """The service's one-line explanation of an error response (a ``requests.Response``).
+    """The service's one-line explanation of an error response (a transport ``Response``).
 
     Bodies come in several shapes: JSON ``{"error": {"message": ..., "errors": [{"reason": ...,
     "message": ...}]}}`` (or only ``errors``, or ``{"error": "text"}``), the XML API's

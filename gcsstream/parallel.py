@@ -3,7 +3,7 @@
 ``ParallelUploader.upload`` reads the source on the caller's thread and cuts it into parts of
 ``part_size`` bytes. Up to ``parallel`` parts upload at once on worker threads, each part a
 resumable upload through the same engine (``Uploader``) from the part's bytes in memory, each
-worker with a ``Transport`` of its own (a ``requests.Session`` is not shared across threads). The
+worker with a ``Transport`` of its own (its connections are not shared across threads). The
 reader waits while ``parallel`` parts are held, so memory stays at most ``parallel`` parts plus
 the engine's fixed overhead, whatever the input size.
 
@@ -51,8 +51,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import requests
-
 from gcsstream.checksums import crc32c_combine, crc32c_extend, decode_crc32c, encode_crc32c
 from gcsstream.engine import Resume, Uploader, UploadResult
 from gcsstream.errors import (
@@ -90,6 +88,7 @@ from gcsstream.options import (
     parse_gs_url,
 )
 from gcsstream.retry import (
+    RETRYABLE_EXCEPTIONS,
     Retryable,
     describe_network_error,
     exchange,
@@ -1415,7 +1414,7 @@ class _Run:
             return SourceError(f"{exc}; no object was created{tail}")
         if isinstance(exc, GcsstreamError):
             return type(exc)(f"{exc}{'; ' + left if left else ''}") if left else exc
-        if isinstance(exc, requests.RequestException):
+        if isinstance(exc, RETRYABLE_EXCEPTIONS):
             return ServiceError(f"{describe_network_error(exc)}{tail}")
         return exc
 

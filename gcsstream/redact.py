@@ -25,7 +25,7 @@ def redact(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """A logging filter that redacts each record's final message (urllib3 logs request URLs)."""
+    """A logging filter that redacts each record's final message (libraries log request URLs)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = redact(record.getMessage())

@@ -3,44 +3,69 @@
 from __future__ import annotations
 
 import email.utils
+import http.client
 import os
 import random
 import ssl
 import time
-import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import requests
-import urllib3
 from google.auth import exceptions as auth_exceptions
 
 from gcsstream.errors import AuthError, TransientError
 from gcsstream.redact import redact
 
+
+class HeaderLookup(Protocol):
+    """An answer's headers as they are read here: by name, case-insensitively."""
+
+    def get(self, name: str, default: Any = None, /) -> Any: ...
+
+
 #: Statuses the service documents as transient.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
-#: Network failures that leave a session usable: resets, timeouts, a disconnect mid-body.
-RETRYABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.ProtocolError,  # a body read straight from urllib3 (downloads) broke off
-    urllib3.exceptions.ReadTimeoutError,
-    auth_exceptions.TransportError,
-    ConnectionError,
-    TimeoutError,
-)
+
+class NetworkError(ConnectionError):
+    """An exchange failed on the network (connecting, sending, or reading the answer) in a way a
+    retry may cure; the original failure is its cause."""
 
 
-class AnswerTooSlow(requests.exceptions.ReadTimeout):
+class ProxyFailed(NetworkError):
+    """The proxy the environment names could not be reached or would not open a tunnel: no
+    retry cures that (the transport says so at once)."""
+
+    def __init__(self, proxy: str, why: str) -> None:
+        super().__init__(f"the proxy {proxy} failed: {why}")
+        self.proxy = proxy
+        self.why = why
+
+
+class TokenFetchFailed(auth_exceptions.TransportError):
+    """A token could not be fetched from ``host`` for a network reason: retried, and named."""
+
+    def __init__(self, host: str, why: str) -> None:
+        super().__init__(f"fetching a token from {host}: {why}")
+        self.host = host
+
+
+class AnswerTooSlow(TimeoutError):
     """An answer kept trickling past the exchange's deadline: a timeout, retried like one."""
 
 
+#: Network failures that leave a session usable: resets, timeouts, a disconnect mid-body.
+RETRYABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    ConnectionError,  # NetworkError, resets, refusals, a connection closed before the answer
+    TimeoutError,
+    http.client.HTTPException,  # an answer that broke off or could not be parsed
+    auth_exceptions.TransportError,
+)
+
+
 def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what it wraps: causes, contexts, and urllib3's ``reason`` / first arguments."""
+    """``exc`` and what it wraps: causes, contexts, and exceptions given as first arguments."""
     seen: set[int] = set()
     pending = [exc]
     while pending:
@@ -49,21 +74,20 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        inner = [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        inner = [current.__cause__, current.__context__]
         inner += [arg for arg in current.args[:1] if isinstance(arg, BaseException)]
         pending += [e for e in inner if isinstance(e, BaseException)]
 
 
-def permanent_network_failure(exc: BaseException, *, proxy: str | None = None) -> str | None:
+def permanent_network_failure(exc: BaseException) -> str | None:
     """Why a network failure cannot be cured by retrying, or None if it may be transient.
 
-    A certificate that does not verify, a server that does not speak TLS, or a proxy that
-    cannot be used stay that way for the whole retry deadline: say so at once. Other TLS
-    errors (an EOF or a reset during the handshake) are network trouble, retried as such.
+    A certificate that does not verify, or a server that does not speak TLS, stays that way for
+    the whole retry deadline: say so at once. Other TLS errors (an EOF or a reset during the
+    handshake) are network trouble, retried as such. (A proxy that fails is ``ProxyFailed``.)
     """
-    if isinstance(exc, requests.exceptions.ProxyError):
-        return f"the proxy {proxy or '(from the environment)'} failed: {describe_network_error(exc)}"
-    if not isinstance(exc, requests.exceptions.SSLError):
+
+    if not isinstance(exc, ssl.SSLError):
         return None
     for cause in _causes(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -78,15 +102,14 @@ def permanent_network_failure(exc: BaseException, *, proxy: str | None = None) -
 
 
 def _credentials_host(exc: BaseException) -> str | None:
-    """The host a failed token fetch was sent to (google-auth wraps the requests error)."""
+    """The host a failed token fetch was sent to."""
     for cause in _causes(exc):
-        request = getattr(cause, "request", None)
-        if request is not None and getattr(request, "url", None):
-            return urllib.parse.urlsplit(request.url).netloc or None
+        if isinstance(cause, TokenFetchFailed):
+            return cause.host
     return None
 
 
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+def retry_after_seconds(headers: HeaderLookup) -> float | None:
     """The ``Retry-After`` header as seconds (it may be a number or an HTTP date)."""
     value = headers.get("Retry-After")
     if not value:
@@ -157,7 +180,7 @@ def describe_network_error(exc: BaseException) -> str:
         return f"fetching credentials{f' from {host}' if host else ''}: {reason}"
     if isinstance(exc, AnswerTooSlow):
         return f"timed out ({exc})"
-    if isinstance(exc, (requests.Timeout, TimeoutError, urllib3.exceptions.ReadTimeoutError)):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     root: BaseException = exc
     seen = set()
@@ -165,6 +188,8 @@ def describe_network_error(exc: BaseException) -> str:
         seen.add(id(root))
         root = root.__cause__ or root.__context__  # type: ignore[assignment]
     for cause in (root, exc):
+        if isinstance(cause, http.client.RemoteDisconnected):
+            return "connection closed by the server"
         if isinstance(cause, ConnectionResetError):
             return "connection reset"
         if isinstance(cause, ConnectionRefusedError):
@@ -178,8 +203,10 @@ def describe_network_error(exc: BaseException) -> str:
         return "connection closed by the server"
     if "Connection refused" in text:
         return "connection refused"
-    if "Name or service not known" in text or "NameResolutionError" in text:
+    if "Name or service not known" in text or "name resolution" in text:
         return "cannot resolve the endpoint's host name"
+    if isinstance(exc, NetworkError) and text:
+        return text
     return f"network error ({type(exc).__name__})"
 
 
@@ -206,12 +233,12 @@ class Retryable(Exception):
         self.retry_after = retry_after
 
     @classmethod
-    def from_status(cls, status: int, headers: Mapping[str, str]) -> Retryable:
+    def from_status(cls, status: int, headers: HeaderLookup) -> Retryable:
         """A retryable status (``RETRYABLE_STATUSES``) as the service answered it."""
         return cls(f"{status} from the service", retry_after_seconds(headers))
 
 
-def exchange(transport: Any, method: str, url: str, *, what: str, **kwargs: Any) -> requests.Response:
+def exchange(transport: Any, method: str, url: str, *, what: str, **kwargs: Any) -> Any:
     """One request for an attempt: a network failure or a retryable status becomes ``Retryable``,
     a failed credential refresh ``AuthError`` (naming ``what``); other answers are the caller's."""
     try:

@@ -34,11 +34,11 @@ import re
 import urllib.parse
 from typing import Any
 
-import requests
-from google.resumable_media.requests import ResumableUpload
+from google.resumable_media._upload import ResumableUpload
 
 from gcsstream.errors import IntegrityError
 from gcsstream.options import CHUNK_QUANTUM, ObjectURL
+from gcsstream.transport import Response
 from gcsstream.window import ChunkWindow, StreamedBody
 
 Request = tuple[str, str, bytes | StreamedBody | None, dict[str, str]]
@@ -127,7 +127,7 @@ def status_request(session_uri: str) -> Request:
     return "PUT", session_uri, None, {"content-range": "bytes */*"}
 
 
-def held_bytes(response: requests.Response, floor: int = 0) -> int | None:
+def held_bytes(response: Response, floor: int = 0) -> int | None:
     """From a status query's answer: where to continue, or None if the upload has finished.
 
     That is the bytes the session holds, in whole 256 KiB units but never below ``floor`` (what
@@ -174,7 +174,7 @@ def resource_int(resource: dict[str, Any], name: str) -> int | None:
     return int(value)
 
 
-def parse_resource(response: requests.Response) -> dict[str, Any]:
+def parse_resource(response: Response) -> dict[str, Any]:
     """The object resource in a 200/201 answer; ``UnreadableAnswer`` if it is not one."""
     try:
         resource = json.loads(response.content)
@@ -226,7 +226,7 @@ class ResumableSession(ResumableUpload):
             self._window, resource, content_type, total_bytes=expected_size, stream_final=False
         )
 
-    def process_initiate(self, response: requests.Response) -> None:
+    def process_initiate(self, response: Response) -> None:
         self._process_initiate_response(response)
 
     def attach(self, session_uri: str, content_type: str, total: int | None) -> None:
@@ -235,7 +235,7 @@ class ResumableSession(ResumableUpload):
         self._content_type = content_type
         self._total_bytes = total
 
-    def process_resume_status(self, response: requests.Response, confirmed: int = 0) -> int | None:
+    def process_resume_status(self, response: Response, confirmed: int = 0) -> int | None:
         """Where an attached session continues (see ``held_bytes``; ``confirmed`` is what the
         journal recorded), or None when the upload already finished."""
         held = held_bytes(response, confirmed)
@@ -292,10 +292,10 @@ class ResumableSession(ResumableUpload):
                 headers["X-Goog-Hash"] = goog_hash
         return method, url, payload, headers
 
-    def process_chunk(self, response: requests.Response, bytes_sent: int) -> None:
+    def process_chunk(self, response: Response, bytes_sent: int) -> None:
         self._process_resumable_response(response, bytes_sent)
 
-    def _process_resumable_response(self, response: requests.Response, bytes_sent: int) -> None:
+    def _process_resumable_response(self, response: Response, bytes_sent: int) -> None:
         if response.status_code in (200, 201):
             # Only an answer to our own final request means that we created the object; a chunk
             # answered with the object found the upload finished by someone else.
@@ -313,7 +313,7 @@ class ResumableSession(ResumableUpload):
     def prepare_status(self) -> Request:
         return self._prepare_recover_request()
 
-    def process_status(self, response: requests.Response) -> None:
+    def process_status(self, response: Response) -> None:
         if response.status_code in (200, 201):
             # Finished: by our own final request whose answer was lost, or (if we never sent
             # one, e.g. when resuming) by someone else.
@@ -362,12 +362,23 @@ class ResumableSession(ResumableUpload):
 
     # -- the finished object --------------------------------------------------------------------
 
+    # The base's hooks for reading an answer (google-resumable-media's requests flavour has the
+    # same three; that module imports requests, which start-up cannot afford).
+
     @staticmethod
-    def _get_status_code(response: requests.Response) -> int:
+    def _get_status_code(response: Response) -> int:
         # The service may answer a completed upload with 201 as well as 200; the base knows 200.
         return 200 if response.status_code == 201 else response.status_code
 
-    def _validate_checksum(self, response: requests.Response) -> None:
+    @staticmethod
+    def _get_headers(response: Response) -> Any:
+        return response.headers
+
+    @staticmethod
+    def _get_body(response: Response) -> bytes:
+        return response.content
+
+    def _validate_checksum(self, response: Response) -> None:
         try:
             resource = parse_resource(response)
         except UnreadableAnswer:

@@ -166,7 +166,7 @@ class FakeService:
             if session is not None and kept > len(session.data) >= start:
                 session.data += data[len(session.data) - start : kept - start]
             self.calls.append(Call(method, url, dict(headers), cut.n, "chunk"))
-            raise requests.ConnectionError("connection reset by peer (injected, mid-request)")
+            raise ConnectionResetError("connection reset by peer (injected, mid-request)")
         return self.request(method, url, data=data, headers=headers)
 
     # -- the service's rules ---------------------------------------------------------------------

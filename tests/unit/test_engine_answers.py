@@ -79,7 +79,7 @@ def test_answers_lost_in_a_row_by_resets_do_not_hang():
     service = FakeService()
 
     def reset(_session):
-        raise requests.ConnectionError("connection reset after the body arrived")
+        raise ConnectionResetError("connection reset after the body arrived")
 
     service.fail("chunk", *[delivered_then(reset, data, service) for _ in range(3)])
     result, _ = in_thread(lambda: run(service, data))

@@ -99,7 +99,7 @@ def test_a_command_still_loads_what_it_needs(gcsstream_exe, tmp_path):
         [gcsstream_exe, "cat", "gs://bkt/obj", "--range", "not-a-range"],
     )
     assert "gcsstream: error:" in output
-    assert "gcsstream.download" in modules and "requests" in modules
+    assert "gcsstream.download" in modules and "gcsstream.transport" in modules
 
 
 def test_the_package_exports_load_on_first_use():
