@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from gcsstream.redact import RedactingFilter, redact
+from gcsstream.redact import redact
 
 LOGGER = logging.getLogger("gcsstream.http")
 
@@ -51,6 +51,16 @@ RESPONSE_HEADERS = (
 )
 #: Headers whose whole value is a credential (the session id).
 SECRET_HEADERS = frozenset({"x-guploader-uploadid"})
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts each record's final message (google-auth and others log request URLs). It lives
+    here, not in redact.py, so that start-up, which redacts messages, never imports logging."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = redact(record.getMessage())
+        record.msg, record.args = message, None
+        return True
 
 
 def enabled() -> bool:

@@ -6,7 +6,6 @@ token. Every message and every log record passes through ``redact`` on its way o
 
 from __future__ import annotations
 
-import logging
 import re
 
 _PATTERNS = (
@@ -22,15 +21,6 @@ def redact(text: str) -> str:
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts each record's final message (libraries log request URLs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = redact(record.getMessage())
-        record.msg, record.args = message, None
-        return True
 
 
 def printable(text: str) -> str:

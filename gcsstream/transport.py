@@ -701,6 +701,8 @@ class Transport:
                 raw = _early_answer(conn, cut)
             else:
                 raw = conn.getresponse()
+            if raw.status == 407 and conn.proxy is not None:  # the proxy's refusal, not the service's
+                raise ProxyFailed(conn.proxy.text, f"407 {raw.reason}".rstrip())
         except BaseException:
             conn.close()
             raise

@@ -25,6 +25,7 @@ HEAVY = (
     "google.cloud",
     "rich",
     "cryptography",
+    "logging",  # only --debug and the journal's warnings log
 )
 
 COMPLETE_PUT = {"_GCSSTREAM_COMPLETE": "complete_bash", "COMP_WORDS": "gcsstream pu", "COMP_CWORD": "1"}
