@@ -426,14 +426,14 @@ class Downloader:
             # read1, not stream(): stream() waits to fill each piece, so a broken connection
             # would lose the bytes of the piece in progress and resume earlier than it reached.
             while position[0] <= last:
-                piece = response.raw.read1(min(PIECE, last + 1 - position[0]))
+                piece = response.read1(min(PIECE, last + 1 - position[0]))
                 if not piece:
                     raise NetworkError("the media answer ended early")
                 take(piece)
                 position[0] += len(piece)
                 if self._on_progress is not None:
                     self._on_progress(position[0] - first)
-            if response.raw.read1(1):
+            if response.read1(1):
                 raise ServiceError(
                     f"the service sent more than the {last + 1 - first} bytes asked of {source}"
                 )
@@ -445,7 +445,7 @@ class Downloader:
         with contextlib.closing(response):
             if response.status_code != 200:
                 raise ServiceError(f"the service answered a read of {source} with {response.status_code}")
-            piece = response.raw.read1(1)
+            piece = response.read1(1)
         take(piece)
         return len(piece)
 

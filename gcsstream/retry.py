@@ -57,9 +57,8 @@ class AnswerTooSlow(TimeoutError):
 
 #: Network failures that leave a session usable: resets, timeouts, a disconnect mid-body.
 RETRYABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    ConnectionError,  # NetworkError, resets, refusals, a connection closed before the answer
+    ConnectionError,  # NetworkError (the transport's words for the rest), resets, refusals
     TimeoutError,
-    http.client.HTTPException,  # an answer that broke off or could not be parsed
     auth_exceptions.TransportError,
 )
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gcsstream import __version__, debuglog
 from gcsstream.errors import AuthError, ServiceError, UsageError
 from gcsstream.options import UploadOptions, origin
+from gcsstream.redact import printable
 from gcsstream.retry import (
     AnswerTooSlow,
     NetworkError,
@@ -39,8 +42,6 @@ from gcsstream.retry import (
 )
 
 if TYPE_CHECKING:
-    import ssl
-
     from google.auth import credentials as auth_credentials
 
     from gcsstream.window import StreamedBody
@@ -77,8 +78,8 @@ class Response:
     """An answer: status, headers (case-insensitive), and its body.
 
     The transport reads a metadata answer whole (``content``); a media answer (``stream``) is read
-    by its caller from ``raw`` (an ``http.client.HTTPResponse``: ``read1``), and ``close``
-    gives its connection back when it was read to the end, or drops it.
+    by its caller with ``read1``, and ``close`` gives its connection back when the request went out
+    whole and the answer was read to its end, or drops it.
     """
 
     def __init__(
@@ -87,6 +88,8 @@ class Response:
         request: SentRequest,
         elapsed: float,
         release: Callable[[bool], None],
+        *,
+        body_sent: bool = True,
     ) -> None:
         self.raw = raw
         self.status_code: int = raw.status
@@ -97,6 +100,7 @@ class Response:
         self.elapsed = elapsed  # seconds from the request's start to the answer's headers
         self._content: bytes | None = None
         self._release: Callable[[bool], None] | None = release
+        self._reusable = body_sent  # an answer to a body cut off leaves the connection unusable
 
     @property
     def content(self) -> bytes:
@@ -109,15 +113,31 @@ class Response:
     def json(self) -> Any:
         return json.loads(self.content)
 
+    def read1(self, n: int) -> bytes:
+        """At most ``n`` bytes of the body with at most one read from the network; a failure is
+        a ``NetworkError`` (retried), and the connection is then not reused."""
+        try:
+            return self.raw.read1(n)
+        except BaseException as exc:
+            self._reusable = False
+            raise _network_error(exc) from exc
+
     def close(self) -> None:
         """Done with the answer: its connection is reused if the answer was read to its end."""
         release, self._release = self._release, None
-        if release is not None:
-            _at_end(self.raw)
-            reusable = self.raw.isclosed()
-            if not reusable:
-                self.raw.close()  # it may hold the socket (an answer that closes the connection)
-            release(reusable)
+        if release is None:
+            return
+        raw = self.raw
+        if self._reusable:
+            _at_end(raw)
+        reusable = self._reusable and raw.isclosed()
+        if not reusable:
+            raw.close()  # it may hold the socket (an answer that closes the connection)
+        release(reusable)
+
+    def _broken(self) -> None:
+        self._reusable = False
+        self.close()
 
 
 class HTTPTransport(Protocol):
@@ -247,6 +267,14 @@ class _SlicedBody:
         self._sent = piece
         return piece
 
+    def close(self) -> None:
+        """Done with this sending (a 401 is sent again from a fresh body): let its piece go."""
+        self._drop(self._sent)
+        self._sent, self._view = None, memoryview(b"")
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
     @staticmethod
     def _drop(view: memoryview | None) -> None:
         """Let go of a sent piece's buffer: a streamed body would otherwise keep one chunk more
@@ -298,8 +326,8 @@ class _Proxy:
 def _proxy_for(url: str) -> _Proxy | None:
     """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``...).
 
-    The environment is looked at first for any ``*_proxy`` at all: urllib.request, which knows
-    the rules, is not worth its import time to the many runs without one.
+    The environment is looked at first for any ``*_proxy`` at all: the many runs without one
+    pay nothing for the rules.
     """
     if not any(name.lower().endswith("_proxy") for name in os.environ):
         return None
@@ -307,12 +335,42 @@ def _proxy_for(url: str) -> _Proxy | None:
 
     proxies = urllib.request.getproxies_environment()
     parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    bypass = getattr(urllib.request, "proxy_bypass_environment")  # noqa: B009 (not in typeshed)
-    if proxies.get("no") and bypass(parts.netloc or host, proxies):
+    if _bypassed(parts.hostname or "", parts.port, proxies.get("no", "")):
         return None
     chosen = proxies.get(parts.scheme.lower()) or proxies.get("all")
     return _Proxy(chosen) if chosen else None
+
+
+def _bypassed(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` exempts ``host``, as requests read it: ``*``; a domain and its
+    subdomains (``example.com``, ``.example.com``), optionally with ``:port``; an IP address or
+    a CIDR block (``10.0.0.0/8``)."""
+    import ipaddress
+
+    host = host.lower().strip("[]")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in (e.strip().lower() for e in no_proxy.replace(" ", ",").split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if "/" in entry:
+            try:
+                if address is not None and address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        name = name.strip("[]").lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
 
 
 _tls_contexts: dict[str | None, ssl.SSLContext] = {}
@@ -324,8 +382,6 @@ def _tls_context() -> ssl.SSLContext:
     bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
     context = _tls_contexts.get(bundle)
     if context is None:
-        import ssl
-
         if bundle is None:
             try:
                 import certifi
@@ -334,15 +390,79 @@ def _tls_context() -> ssl.SSLContext:
             except ImportError:
                 bundle_file = None
             context = ssl.create_default_context(cafile=bundle_file)
-        elif os.path.isdir(bundle):
-            context = ssl.create_default_context(capath=bundle)
         else:
-            context = ssl.create_default_context(cafile=bundle)
+            variable = "REQUESTS_CA_BUNDLE" if os.environ.get("REQUESTS_CA_BUNDLE") else "CURL_CA_BUNDLE"
+            try:
+                if os.path.isdir(bundle):
+                    context = ssl.create_default_context(capath=bundle)
+                else:
+                    context = ssl.create_default_context(cafile=bundle)
+            except (OSError, ssl.SSLError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no certificate in it"
+                raise UsageError(f"{variable}={bundle!r} cannot be used: {why}") from None
         _tls_contexts[bundle] = context
     return context
 
 
 # -- connections whose sends and reads are held to the io timeout -------------------------------
+
+
+class _HeaderDeadline(io.RawIOBase):
+    """The socket as an answer reads it, its status line and headers held to one deadline.
+
+    A socket timeout bounds each read, not their sum: a server that trickles its headers (or
+    sends ``100 Continue`` forever) would otherwise hold the request without end. The first byte
+    may take the io timeout to come, as before; the rest of the headers must follow within the
+    io timeout of it. The body is read with the socket's plain timeout.
+    """
+
+    def __init__(self, inner: Any, sock: socket.socket) -> None:
+        super().__init__()
+        self._inner = inner
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+        self.deadline: float | None = None
+        self.timing = True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.timing and self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise AnswerTooSlow(
+                    f"the answer's headers were still arriving {self._timeout:g} s after they began"
+                )
+            self._sock.settimeout(min(remaining, self._timeout or remaining))
+        n = self._inner.readinto(buffer)
+        if self.timing and self.deadline is None and n and self._timeout:
+            self.deadline = time.monotonic() + self._timeout
+        return n
+
+    def end_of_headers(self) -> None:
+        if self.timing:
+            self.timing = False
+            self._sock.settimeout(self._timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+class _Answer(http.client.HTTPResponse):
+    """``http.client``'s response, reading its headers under ``_HeaderDeadline``."""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self._deadline = _HeaderDeadline(self.fp.detach(), sock)  # detached: not closed with it
+        self.fp = io.BufferedReader(self._deadline)
+
+    def begin(self) -> None:
+        try:
+            super().begin()
+        finally:
+            self._deadline.end_of_headers()
 
 
 class _Connection(http.client.HTTPConnection):
@@ -354,6 +474,7 @@ class _Connection(http.client.HTTPConnection):
     """
 
     tunnelled = False  # an http:// endpoint's requests go to its proxy in absolute form
+    response_class = _Answer
 
     def __init__(
         self,
@@ -366,6 +487,8 @@ class _Connection(http.client.HTTPConnection):
     ) -> None:
         self.proxy = proxy
         self.io_timeout = io_timeout
+        scheme = "https" if isinstance(self, http.client.HTTPSConnection) else "http"
+        self.where = f"{scheme}://{host}:{port}"  # the endpoint, for messages (not the proxy)
         if proxy is None:
             super().__init__(host, port, timeout=connect_timeout, **tls)
             return
@@ -375,14 +498,24 @@ class _Connection(http.client.HTTPConnection):
             self.set_tunnel(host, port, headers)
 
     def connect(self) -> None:
+        """Connect (through the proxy, and TLS if https). A failure to reach the proxy or open
+        its tunnel is ``ProxyFailed``; a certificate or protocol no retry cures is a
+        ``ServiceError``; any other failure a retryable network error."""
         try:
             super().connect()
         except ProxyFailed:
             raise
         except OSError as exc:
-            if self.proxy is not None and self.sock is None:  # the proxy or its tunnel failed
+            self.close()
+            if self.proxy is not None and not isinstance(exc, ssl.SSLError):  # the proxy or its tunnel
                 raise ProxyFailed(self.proxy.text, describe_network_error(exc)) from exc
-            raise
+            why = permanent_network_failure(exc)
+            if why is not None:
+                raise ServiceError(f"cannot reach {self.where}: {why}") from None
+            error = _network_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
         sock = self.sock
         sock.settimeout(self.io_timeout)
         if type(sock) is socket.socket:  # plain TCP (not TLS)
@@ -399,7 +532,8 @@ class _Connection(http.client.HTTPConnection):
         except OSError as exc:
             self.close()
             assert self.proxy is not None
-            raise ProxyFailed(self.proxy.text, str(exc) or describe_network_error(exc)) from exc
+            why = printable(str(exc))[:200] if not exc.errno else describe_network_error(exc)
+            raise ProxyFailed(self.proxy.text, why or describe_network_error(exc)) from exc
 
     def send(self, data: Any) -> None:
         """A request's piece, written so that only a lack of progress times it out.
@@ -479,24 +613,64 @@ def _connection(url: str, connect_timeout: float, io_timeout: float) -> _Connect
     return kind(host, port, connect_timeout, io_timeout, proxy)
 
 
-def _read_bounded(raw: http.client.HTTPResponse, status: int, io_timeout: float) -> bytes:
-    """A metadata answer's body: at most ``MAX_ANSWER`` bytes, all within ``io_timeout``."""
+def _network_error(exc: BaseException) -> BaseException:
+    """The error to raise for a failure of an exchange under way: a retryable ``NetworkError`` in
+    words of ours (a server's text never reaches the terminal through it), or ``exc`` itself when
+    it already is one (resets, timeouts), or is no network failure at all (a bug, a source error).
+    """
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return exc
+    if isinstance(exc, http.client.ImproperConnectionState):
+        return exc  # a connection used out of turn: a bug of ours, not retried
+    if isinstance(exc, http.client.InvalidURL):
+        return UsageError("a request URL is not valid (a space, a control character or a bad port in it)")
+    if isinstance(exc, http.client.IncompleteRead):
+        return NetworkError("the answer was cut short")
+    if isinstance(exc, http.client.LineTooLong):
+        return NetworkError("the answer's status line or a header was too long")
+    if isinstance(exc, http.client.BadStatusLine):
+        return NetworkError("the answer's status line could not be read")
+    if isinstance(exc, http.client.HTTPException):
+        return NetworkError("the answer could not be read (too many headers, or not HTTP)")
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None)
+        return NetworkError(f"TLS failure ({printable(str(reason))[:80]})" if reason else "TLS failure")
+    if isinstance(exc, OSError):
+        return NetworkError(printable(exc.strerror or type(exc).__name__)[:200])
+    return exc
+
+
+def _read_bounded(
+    raw: http.client.HTTPResponse, status: int, io_timeout: float, what: str = "the service's answer"
+) -> bytes:
+    """A metadata answer's body: at most ``MAX_ANSWER`` bytes (decoded, if gzip or deflate), all
+    within ``io_timeout``."""
     deadline = time.monotonic() + io_timeout
+    encoding = (raw.headers.get("Content-Encoding") or "identity").strip().lower()
+    inflate = None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        import zlib
+
+        inflate = zlib.decompressobj(zlib.MAX_WBITS | (16 if "gzip" in encoding else 32))
     pieces: list[bytes] = []
     size = 0
     while piece := raw.read1(_PIECE):
+        if inflate is not None:
+            piece = inflate.decompress(piece, MAX_ANSWER + 1 - size)
         pieces.append(piece)
         size += len(piece)
-        if size > MAX_ANSWER:
-            raise ServiceError(
-                f"the service's answer ({status}) is larger than {MAX_ANSWER >> 20} MiB; stopped reading it"
-            )
+        if size > MAX_ANSWER or (inflate is not None and inflate.unconsumed_tail):
+            raise ServiceError(f"{what} ({status}) is larger than {MAX_ANSWER >> 20} MiB; stopped reading it")
         if time.monotonic() > deadline:
             raise AnswerTooSlow(f"the answer was still arriving {io_timeout:g} s after it began")
     if raw.length:  # Content-Length promised more than came before the connection closed
         raise NetworkError("the answer was cut short")
     _at_end(raw)
     return b"".join(pieces)
+
+
+#: How a write fails when the server has closed the connection (TLS says EOF; a stall is not one).
+_CUT_OFF = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 def _early_answer(conn: _Connection, cut: OSError) -> http.client.HTTPResponse:
@@ -518,6 +692,7 @@ def _at_end(raw: http.client.HTTPResponse) -> None:
 def _token_request(connect_timeout: float, io_timeout: float) -> Any:
     """google-auth's transport for fetching tokens: the same timeouts and proxies, no redirect
     followed, the answer bounded, and a failure that names the token host."""
+    from google.auth import exceptions as auth_exceptions
     from google.auth import transport as auth_transport
 
     class _TokenResponse(auth_transport.Response):  # type: ignore[misc]
@@ -538,9 +713,14 @@ def _token_request(connect_timeout: float, io_timeout: float) -> Any:
             timeout: Any = None,
             **kwargs: Any,
         ) -> Any:
+            # google-auth's own timeout (a few seconds for the metadata server) when it is shorter
+            wait = (
+                min(io_timeout, timeout) if isinstance(timeout, (int, float)) and timeout > 0 else io_timeout
+            )
             parts = urllib.parse.urlsplit(url)
+            host = printable(parts.netloc)[:100]
             try:
-                conn = _connection(url, connect_timeout, io_timeout)
+                conn = _connection(url, min(connect_timeout, wait), wait)
                 try:
                     target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
                     sent = dict(headers or {})
@@ -548,13 +728,23 @@ def _token_request(connect_timeout: float, io_timeout: float) -> Any:
                         target = url
                         if conn.proxy.authorization:
                             sent["Proxy-Authorization"] = conn.proxy.authorization
+                    conn.connect()
                     conn.request(method, target, body=body, headers=sent)
                     raw = conn.getresponse()
-                    data = _read_bounded(raw, raw.status, io_timeout)
+                    if 300 <= raw.status < 400:
+                        raise auth_exceptions.RefreshError(
+                            f"the token endpoint {host} answered {raw.status} (a redirect; not followed)"
+                        )
+                    data = _read_bounded(raw, raw.status, wait, what=f"the token endpoint {host}'s answer")
                 finally:
                     conn.close()
+            except ProxyFailed as exc:  # no retry cures it
+                raise auth_exceptions.RefreshError(f"fetching a token from {host}: {exc}") from None
             except (OSError, http.client.HTTPException) as exc:
-                raise TokenFetchFailed(parts.netloc, describe_network_error(exc)) from exc
+                error = _network_error(exc)
+                if not isinstance(error, (ConnectionError, TimeoutError)):
+                    raise error from None
+                raise TokenFetchFailed(host, describe_network_error(error)) from exc
             return _TokenResponse(raw.status, raw.headers, data)
 
     return _TokenRequest()
@@ -655,21 +845,20 @@ class Transport:
             response = self._exchange(method, url, body, headers or {})
             if response.status_code == 401 and self._credentials is not None:
                 self._finish(response, url, stream=False)
+                if body is not None:
+                    body.close()
+                    body = body.again()
                 self._credentials.refresh(self._auth_request)
-                response = self._exchange(method, url, body.again() if body else None, headers or {})
+                response = self._exchange(method, url, body, headers or {})
+            self._finish(response, url, stream=stream)
         except ProxyFailed as exc:
             where = _origin_text(url)
             raise ServiceError(f"cannot reach {where}: the proxy {exc.proxy} failed: {exc.why}") from None
-        except OSError as exc:
-            why = permanent_network_failure(exc)
-            if why is not None:
-                raise ServiceError(f"cannot reach {_origin_text(url)}: {why}") from None
-            if isinstance(exc, (ConnectionError, TimeoutError)):
+        except (OSError, http.client.HTTPException) as exc:
+            error = _network_error(exc)
+            if error is exc:
                 raise
-            raise NetworkError(str(exc) or describe_network_error(exc)) from exc
-        except http.client.HTTPException as exc:
-            raise NetworkError(f"{type(exc).__name__}: {exc}") from exc
-        self._finish(response, url, stream=stream)
+            raise error from exc
         return response
 
     def _exchange(self, method: str, url: str, body: _SlicedBody | None, headers: dict[str, str]) -> Response:
@@ -687,7 +876,10 @@ class Transport:
             parts = urllib.parse.urlsplit(url)
             target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         started = time.monotonic()
+        body_sent = True
         try:
+            if conn.sock is None:
+                conn.connect()  # here, not inside a send: its failures are told apart
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
             if conn.proxy is not None and not conn.tunnelled and conn.proxy.authorization:
                 conn.putheader("Proxy-Authorization", conn.proxy.authorization)
@@ -697,12 +889,13 @@ class Transport:
             try:
                 while body is not None and (piece := body.read()):
                     conn.send(piece)
-            except (BrokenPipeError, ConnectionResetError) as cut:
+            except _CUT_OFF as cut:  # the server stopped reading: it may have answered first
+                body_sent = False
                 raw = _early_answer(conn, cut)
             else:
                 raw = conn.getresponse()
             if raw.status == 407 and conn.proxy is not None:  # the proxy's refusal, not the service's
-                raise ProxyFailed(conn.proxy.text, f"407 {raw.reason}".rstrip())
+                raise ProxyFailed(conn.proxy.text, f"407 {printable(raw.reason)[:80]}".rstrip())
         except BaseException:
             conn.close()
             raise
@@ -711,12 +904,13 @@ class Transport:
             SentRequest(method, url, sent),
             time.monotonic() - started,
             lambda reusable: self._give_back(conn, reusable),
+            body_sent=body_sent,
         )
         try:
             for hook in self._hooks:
                 hook(response)
         except BaseException:
-            response.close()
+            response._broken()
             raise
         return response
 
@@ -728,7 +922,7 @@ class Transport:
                 response._content = _read_bounded(response.raw, response.status_code, self._io_timeout)
                 response.close()  # read to the end: the connection is kept for the next request
         except BaseException:
-            response.close()  # unread: the connection is dropped, not reused
+            response._broken()  # unread or broken: the connection is dropped, not reused
             raise
 
     def _take(self) -> _Connection:
