@@ -781,6 +781,8 @@ class Transport:
         )
         parts = urllib.parse.urlsplit(self.endpoint)
         self._host_header = parts.netloc.rpartition("@")[2]
+        if parts.scheme == "https":
+            _tls_context()  # a CA bundle that cannot be used fails here, before any input is read
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._closed = False

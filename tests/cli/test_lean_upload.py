@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 
-from tests.cli.test_faults import service_account  # noqa: F401 (a fixture)
+from tests.cli import test_faults
 from tests.conftest import assert_stored
 from tests.gcs_test_server import GcsTestServer
 from tests.unit.test_startup import heavy_in, imported
 
 BUCKET = "lean"
+service_account = test_faults.service_account  # the fixture: a key whose tokens come from loopback
 #: What the transport replaced: requests with urllib3, and google-resumable-media's requests flavour.
 HTTP_LIBRARIES = ("requests", "urllib3", "google.resumable_media.requests", "google.auth.transport.requests")
 

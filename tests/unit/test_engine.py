@@ -9,7 +9,6 @@ import threading
 
 import google_crc32c
 import pytest
-import requests
 
 from gcsstream.engine import Uploader
 from gcsstream.errors import (

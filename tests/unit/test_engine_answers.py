@@ -73,7 +73,6 @@ def test_answers_lost_in_a_row_release_the_window_and_do_not_hang(lost):
 
 
 def test_answers_lost_in_a_row_by_resets_do_not_hang():
-    import requests
 
     data = os.urandom(5 * CHUNK)
     service = FakeService()
