@@ -1,6 +1,5 @@
 """The ``gcsstream`` command: parse, call the engine, report. Errors become exit codes here only."""
 
-from __future__ import annotations
 
 import contextlib
 import functools
@@ -461,14 +460,14 @@ def put(
 
 
 def _upload_run(
-    plan: UploadPlan,
-    raw_source: ChunkSource,
-    source: ChunkSource,
-    transport: Transport,
-    uploader: Uploader,
-    connect: Callable[[], Transport],
+    plan: "UploadPlan",
+    raw_source: "ChunkSource",
+    source: "ChunkSource",
+    transport: "Transport",
+    uploader: "Uploader",
+    connect: "Callable[[], Transport]",
     state: ProgressState,
-) -> tuple[JournalRecorder | PartsRecorder | None, Callable[[], UploadResult]]:
+) -> "tuple[JournalRecorder | PartsRecorder | None, Callable[[], UploadResult]]":
     """The recorder and the upload of a planned run: through one session, or in parallel parts."""
     if plan.parallel is None:
         recorder = plan.recorder(raw_source)
@@ -870,14 +869,14 @@ def abort(
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _journal() -> Journal:
+def _journal() -> "Journal":
     """The state directory's journal; each damaged or foreign file in it is named once on stderr."""
     from gcsstream.journal import Journal
 
     return Journal(warn=lambda message: say(f"warning: {printable(message)}"))
 
 
-def _open_source(src: str) -> ChunkSource:
+def _open_source(src: str) -> "ChunkSource":
     from gcsstream.sources import FileSource, StreamSource
 
     if src != "-":
@@ -960,8 +959,8 @@ def _stat_line(source: ObjectURL, resource: dict[str, Any]) -> str:
 
 
 def _transport_for(
-    entry: JournalEntry | None, session_uri: str, credentials: str | None, *, by_uri: bool = False
-) -> Transport:
+    entry: "JournalEntry | None", session_uri: str, credentials: str | None, *, by_uri: bool = False
+) -> "Transport":
     """A transport for a session's requests (``jobs.connection_for`` says where, and with which
     credentials), watched for an emulator."""
     from gcsstream.jobs import connection_for
@@ -978,7 +977,7 @@ def _transport_for(
 _emulator_notice: list[Any] = []  # the run's one EmulatorNotice, once a transport exists
 
 
-def _watch_for_emulator(transport: Transport, quiet: bool = False) -> None:
+def _watch_for_emulator(transport: "Transport", quiet: bool = False) -> None:
     """Say once per run when the endpoint answers like an emulator whose uploads differ from
     the service's, rather than let a success there look like one on the service."""
     if quiet:
@@ -1011,7 +1010,7 @@ def _loaded() -> None:
     gc.freeze()
 
 
-def _resumable(recorder: JournalRecorder | PartsRecorder | None, run: Callable[[], T]) -> T:
+def _resumable(recorder: "JournalRecorder | PartsRecorder | None", run: Callable[[], T]) -> T:
     """Run an upload; if it stops short, say what is stored and how to continue."""
     from gcsstream import jobs
 
@@ -1031,8 +1030,8 @@ def _resumable(recorder: JournalRecorder | PartsRecorder | None, run: Callable[[
 
 
 def _finished(
-    result: UploadResult,
-    recorder: JournalRecorder | PartsRecorder | None,
+    result: "UploadResult",
+    recorder: "JournalRecorder | PartsRecorder | None",
     resumed_at: int,
     *,
     json_output: bool,
@@ -1048,12 +1047,12 @@ def _finished(
 
 
 def _report(
-    result: UploadResult,
+    result: "UploadResult",
     json_output: bool,
     quiet: bool,
     note: str = "",
     resumed_at: int = 0,
-    recorder: JournalRecorder | PartsRecorder | None = None,
+    recorder: "JournalRecorder | PartsRecorder | None" = None,
 ) -> None:
     if json_output:
         summary = result.summary()
@@ -1195,6 +1194,42 @@ def _discard_stdout() -> None:
         os.close(null)
 
 
+_ALL_COMMANDS: list[Any] | None = None
+
+
+def _only_the_command_named(args: list[str]) -> None:
+    """Register only the command the arguments (or a completion request) name, if they name one.
+
+    typer builds every command's options from its signature at each start, a fifth of the
+    start-up of ``put --help`` or of a completion; the others are not needed to run one command.
+    With no command named (``--help``, a bare ``gcsstream``, completing a command's name, an
+    unknown name) all stay, and the output is the same either way.
+    """
+    global _ALL_COMMANDS
+    if _ALL_COMMANDS is None:
+        _ALL_COMMANDS = list(app.registered_commands)
+    app.registered_commands = list(_ALL_COMMANDS)  # main() may run again in one process
+    words = args
+    if "_GCSSTREAM_COMPLETE" in os.environ:
+        words = os.environ.get("COMP_WORDS", "").split()[1:]
+        try:
+            if int(os.environ.get("COMP_CWORD", "")) < 2:
+                return  # the command's own name is being completed
+        except ValueError:
+            return  # fish gives the current word, not its index: build them all
+    if not words or words[0].startswith("-"):
+        return
+    named = [c for c in _ALL_COMMANDS if c.callback and _command_name(c.callback) == words[0]]
+    if named:
+        app.registered_commands = named
+
+
+def _command_name(callback: Callable[..., Any]) -> str:
+    from typer.main import get_command_name
+
+    return get_command_name(callback.__name__)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map every failure to one line and its exit code."""
     _fill_standard_fds()
@@ -1202,6 +1237,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("GCSSTREAM_DEBUG") == "1"
     as_json = _wants_json(args)
+    _only_the_command_named(args)
     try:
         with _stop_signals():
             rv = app(args=args, prog_name="gcsstream", standalone_mode=False)

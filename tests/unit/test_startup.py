@@ -61,7 +61,7 @@ def imported(argv: list[str], env: dict[str, str] | None = None) -> tuple[set[st
                 modules.add(name)
         else:
             other.append(line)
-    assert "gcsstream.errors" in modules, run.stderr[-2000:]  # the profile was on
+    assert "gcsstream" in modules, run.stderr[-2000:]  # the profile was on
     return modules, run.stdout + "\n".join(other)
 
 
@@ -91,6 +91,86 @@ def test_start_up_imports_no_pydantic(gcsstream_exe, case):
     modules, output = imported([gcsstream_exe, *args], env)
     assert expected in output
     assert heavy_in(modules, ("pydantic",)) == []
+
+
+def test_the_version_is_answered_before_the_command_line_loads(gcsstream_exe):
+    """``--version`` alone needs neither typer nor the command line's modules."""
+    modules, output = imported([gcsstream_exe, "--version"])
+    assert output.strip() == f"gcsstream {gcsstream.__version__}"
+    assert heavy_in(modules, ("typer", "gcsstream.cli")) == []
+
+
+#: Each command's help, and a completion of its options, built the way main() builds them.
+SAME_OUTPUT = [
+    *[
+        ([command, "--help"], {})
+        for command in ("put", "resume", "cat", "stat", "sessions", "status", "abort")
+    ],
+    ([], {"_GCSSTREAM_COMPLETE": "complete_bash", "COMP_WORDS": "gcsstream put --no-c", "COMP_CWORD": "2"}),
+    (
+        [],
+        {
+            "_GCSSTREAM_COMPLETE": "complete_bash",
+            "COMP_WORDS": "gcsstream cat gs://b/o --r",
+            "COMP_CWORD": "3",
+        },
+    ),
+    ([], {"_GCSSTREAM_COMPLETE": "complete_bash", "COMP_WORDS": "gcsstream s", "COMP_CWORD": "1"}),
+    (["--help"], {}),
+    (["nope"], {}),
+]
+
+
+@pytest.mark.parametrize("args, env", SAME_OUTPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_building_only_the_named_command_changes_no_output(args, env):
+    """main() builds only the command named (typer builds every command's options otherwise): the
+    help, completions and errors are the same as with every command built."""
+    code = (
+        "import sys\n"
+        "from gcsstream import cli\n"
+        "if sys.argv[1] == 'all':\n"
+        "    cli._only_the_command_named = lambda args: None\n"
+        "sys.argv = ['gcsstream', *sys.argv[2:]]\n"
+        "cli.main()\n"
+    )
+    outputs = []
+    for how in ("all", "named"):
+        run = subprocess.run(
+            [sys.executable, "-c", code, how, *args], env={**os.environ, **env, "COLUMNS": "100"},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        outputs.append((run.returncode, run.stdout, run.stderr.split("Z gcsstream: ", 1)[-1]))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1] or outputs[0][2]
+
+
+def test_only_the_named_command_is_built_and_main_can_run_again(monkeypatch):
+    from gcsstream import cli
+
+    def built() -> list[str]:
+        return [c.callback.__name__ for c in cli.app.registered_commands]
+
+    monkeypatch.delenv("_GCSSTREAM_COMPLETE", raising=False)
+    every = sorted(built())
+    cli._only_the_command_named(["cat", "gs://b/o"])
+    assert built() == ["cat"]
+    cli._only_the_command_named(["put", "--help"])  # a second main() in one process
+    assert built() == ["put"]
+    for args in ([], ["--help"], ["nope"], ["--version"]):
+        cli._only_the_command_named(args)
+        assert sorted(built()) == every
+    monkeypatch.setenv("_GCSSTREAM_COMPLETE", "complete_bash")
+    monkeypatch.setenv("COMP_WORDS", "gcsstream res")
+    monkeypatch.setenv("COMP_CWORD", "1")
+    cli._only_the_command_named([])
+    assert sorted(built()) == every
+    monkeypatch.setenv("COMP_WORDS", "gcsstream resume ")
+    monkeypatch.setenv("COMP_CWORD", "2")
+    cli._only_the_command_named([])
+    assert built() == ["resume"]
+    monkeypatch.delenv("_GCSSTREAM_COMPLETE")
+    cli._only_the_command_named([])
+    assert sorted(built()) == every
 
 
 def test_a_command_still_loads_what_it_needs(gcsstream_exe, tmp_path):
