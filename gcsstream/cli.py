@@ -1,6 +1,7 @@
 """The ``gcsstream`` command: parse, call the engine, report. Errors become exit codes here only."""
 
-
+# No ``from __future__ import annotations`` here: typer would evaluate every command's annotation
+# strings again at each start; names imported only for type checking are quoted instead.
 import contextlib
 import functools
 import gc

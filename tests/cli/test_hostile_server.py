@@ -4,8 +4,6 @@ no retry can cure (a refused certificate, an unusable proxy) end at once."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import socket
@@ -16,12 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.cli import test_faults
 from tests.conftest import crc32c_b64, unstamped
+from tests.tls import self_signed_context
 from tests.wrong_server import Behaviour, Reply, Request, Session, WrongServer
 
 BUCKET = "gcsstream-test"
@@ -386,30 +382,7 @@ class TLSServer:
     """An https server on loopback with a self-signed certificate; counts accepted connections."""
 
     def __init__(self, directory: Path) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-            )
-            .sign(key, hashes.SHA256())
-        )
-        (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / "key.pem").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+        self.context = self_signed_context(directory)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()

@@ -6,10 +6,8 @@ one, basic proxy credentials), fails at once when the proxy refuses, and bypasse
 from __future__ import annotations
 
 import base64
-import datetime
 import http.client
 import http.server
-import ipaddress
 import json
 import os
 import select
@@ -21,17 +19,14 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.cli import test_faults
 from tests.cli.test_hostile_server import clean_network_env, error_line
 from tests.conftest import assert_stored
 from tests.gcs_test_server import QUANTUM, GcsTestServer
+from tests.tls import self_signed_context
 
 BUCKET = "proxied"
 CHUNK = 2 * QUANTUM  # 512 KiB: an upload of a few chunks is several requests on one connection
@@ -235,36 +230,6 @@ class Relay(http.server.ThreadingHTTPServer):
 
     def targets(self, method: str | None = None) -> list[str]:
         return [s.target for s in self.seen if method is None or s.method == method]
-
-
-def self_signed_context(directory: Path) -> ssl.SSLContext:
-    """A server context with a self-signed certificate for 127.0.0.1, written to
-    ``directory/cert.pem`` (the CA bundle gcsstream is given)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
-    return context
 
 
 def basic(user: str, password: str) -> str:

@@ -6,10 +6,8 @@ stopped by its test."""
 
 from __future__ import annotations
 
-import datetime
 import errno
 import gzip
-import ipaddress
 import json
 import os
 import socket
@@ -23,15 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from google.auth import exceptions as auth_exceptions
 
 from gcsstream import retry
 from gcsstream.errors import GcsstreamError, ServiceError, UsageError
 from gcsstream.transport import Transport, _token_request
 from tests.integration.test_transport import RotatingCredentials
+from tests.tls import self_signed_context
 
 HANDLER_TIMEOUT = 10  # every socket a test server holds: no server-side wait is unbounded
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -218,30 +214,7 @@ def within(limit: float, call: Callable[[], Any], server: Scripted) -> Outcome:
 def certificate(tmp_path_factory) -> tuple[Path, ssl.SSLContext]:
     """A self-signed certificate for 127.0.0.1 (its file, to trust) and a server context."""
     directory = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    context = self_signed_context(directory)
     return directory / "cert.pem", context
 
 
