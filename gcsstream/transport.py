@@ -18,6 +18,7 @@ import http.client
 import io
 import json
 import os
+import re
 import select
 import socket
 import ssl
@@ -33,6 +34,7 @@ from gcsstream.errors import AuthError, ServiceError, UsageError
 from gcsstream.options import UploadOptions, origin
 from gcsstream.redact import printable
 from gcsstream.retry import (
+    RETRYABLE_STATUSES,
     AnswerTooSlow,
     NetworkError,
     ProxyFailed,
@@ -465,6 +467,10 @@ class _Answer(http.client.HTTPResponse):
             self._deadline.end_of_headers()
 
 
+#: How http.client reports a proxy's answer to CONNECT other than 200.
+_TUNNEL_REFUSED = re.compile(r"Tunnel connection failed: (\d{3})")
+
+
 class _Connection(http.client.HTTPConnection):
     """A keep-alive connection that writes request bodies under the io timeout, like reads.
 
@@ -503,7 +509,7 @@ class _Connection(http.client.HTTPConnection):
         ``ServiceError``; any other failure a retryable network error."""
         try:
             super().connect()
-        except ProxyFailed:
+        except NetworkError:  # ProxyFailed, or a busy proxy's answer to CONNECT (retried)
             raise
         except OSError as exc:
             self.close()
@@ -532,6 +538,11 @@ class _Connection(http.client.HTTPConnection):
         except OSError as exc:
             self.close()
             assert self.proxy is not None
+            answered = _TUNNEL_REFUSED.match(str(exc))
+            if answered and int(answered.group(1)) in RETRYABLE_STATUSES:  # busy, not refusing
+                raise NetworkError(
+                    f"the proxy {self.proxy.text} answered {answered.group(1)} to CONNECT"
+                ) from exc
             why = printable(str(exc))[:200] if not exc.errno else describe_network_error(exc)
             raise ProxyFailed(self.proxy.text, why or describe_network_error(exc)) from exc
 

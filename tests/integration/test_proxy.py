@@ -426,3 +426,23 @@ def test_a_407_from_the_proxy_of_an_http_endpoint_names_the_proxy(gcsstream_exe,
         assert "secret" not in (proc.stdout + proc.stderr).decode()
         assert len(proxy.seen) == 1 and gcs.requests == []
         assert elapsed < 20, f"{elapsed:.1f} s: the 407 was retried"
+
+
+def test_a_busy_proxy_is_retried_not_given_up_on(gcsstream_exe, gcs, https_endpoint, service_account):
+    """A 503 to CONNECT is the proxy being busy, not refusing: retried like the service's 503,
+    until --retry-deadline (exit 75), each retry announced; a 407 or 403 stays final."""
+    terminator, cert = https_endpoint
+    key, _ = service_account
+    with Relay(refuse=503) as proxy:
+        proc, _ = put(
+            gcsstream_exe, "--retry-deadline", "1", "--credentials", str(key),
+            "--endpoint", terminator.url, data=os.urandom(SIZE),
+            env={"HTTPS_PROXY": proxy.url, "REQUESTS_CA_BUNDLE": str(cert)},
+        )  # fmt: skip
+        err = proc.stderr.decode()
+        assert proc.returncode == 75, err
+        last = err.strip().splitlines()[-1]
+        assert "gave up" in last and f"the proxy {proxy.url} answered 503 to CONNECT" in last, err
+        assert "answered 503 to CONNECT, retrying in" in err, "each retry is announced"
+        assert len(proxy.targets("CONNECT")) > 1, "the busy proxy was not asked again"
+        assert terminator.accepted == 0 and gcs.requests == []
