@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from gcsstream import __version__, debuglog
 from gcsstream.errors import AuthError, ServiceError, UsageError
@@ -483,18 +483,12 @@ class _Connection(http.client.HTTPConnection):
     response_class = _Answer
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        connect_timeout: float,
-        io_timeout: float,
-        proxy: _Proxy | None,
-        **tls: Any,
+        self, url: str, connect_timeout: float, io_timeout: float, proxy: _Proxy | None, **tls: Any
     ) -> None:
+        _, host, port = origin(url)
         self.proxy = proxy
         self.io_timeout = io_timeout
-        scheme = "https" if isinstance(self, http.client.HTTPSConnection) else "http"
-        self.where = f"{scheme}://{host}:{port}"  # the endpoint, for messages (not the proxy)
+        self.where = _origin_text(url)  # the endpoint, for messages (not the proxy)
         if proxy is None:
             super().__init__(host, port, timeout=connect_timeout, **tls)
             return
@@ -518,10 +512,7 @@ class _Connection(http.client.HTTPConnection):
             why = permanent_network_failure(exc)
             if why is not None:
                 raise ServiceError(f"cannot reach {self.where}: {why}") from None
-            error = _network_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
+            _raise_network_error(exc)
         sock = self.sock
         sock.settimeout(self.io_timeout)
         if type(sock) is socket.socket:  # plain TCP (not TLS)
@@ -545,6 +536,15 @@ class _Connection(http.client.HTTPConnection):
                 ) from exc
             why = printable(str(exc))[:200] if not exc.errno else describe_network_error(exc)
             raise ProxyFailed(self.proxy.text, why or describe_network_error(exc)) from exc
+
+    def request_form(self, url: str) -> tuple[str, dict[str, str]]:
+        """The request target for ``url`` and the headers the proxy needs: an http:// endpoint's
+        proxy takes the whole URL (and its credentials in each request); otherwise the path."""
+        if self.proxy is not None and not self.tunnelled:
+            credentials = self.proxy.authorization
+            return url, {"Proxy-Authorization": credentials} if credentials else {}
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")), {}
 
     def send(self, data: Any) -> None:
         """A request's piece, written so that only a lack of progress times it out.
@@ -579,10 +579,8 @@ class _Connection(http.client.HTTPConnection):
 class _TLSConnection(_Connection, http.client.HTTPSConnection):
     tunnelled = True  # through a proxy: CONNECT, then TLS to the endpoint inside the tunnel
 
-    def __init__(
-        self, host: str, port: int, connect_timeout: float, io_timeout: float, proxy: _Proxy | None
-    ) -> None:
-        super().__init__(host, port, connect_timeout, io_timeout, proxy, context=_tls_context())
+    def __init__(self, url: str, connect_timeout: float, io_timeout: float, proxy: _Proxy | None) -> None:
+        super().__init__(url, connect_timeout, io_timeout, proxy, context=_tls_context())
 
 
 def _send_blocking(sock: socket.socket, data: memoryview | bytes, timeout: float) -> None:
@@ -616,12 +614,11 @@ def _send_blocking(sock: socket.socket, data: memoryview | bytes, timeout: float
 
 def _connection(url: str, connect_timeout: float, io_timeout: float) -> _Connection:
     """A connection to ``url``'s origin, through the environment's proxy for it if any."""
-    scheme, host, port = origin(url)
     proxy = _proxy_for(url)
     if proxy is not None and (why := proxy.unusable()) is not None:
         raise ProxyFailed(proxy.text, why)
-    kind = _TLSConnection if scheme == "https" else _Connection
-    return kind(host, port, connect_timeout, io_timeout, proxy)
+    kind = _TLSConnection if origin(url)[0] == "https" else _Connection
+    return kind(url, connect_timeout, io_timeout, proxy)
 
 
 def _network_error(exc: BaseException) -> BaseException:
@@ -649,6 +646,14 @@ def _network_error(exc: BaseException) -> BaseException:
     if isinstance(exc, OSError):
         return NetworkError(printable(exc.strerror or type(exc).__name__)[:200])
     return exc
+
+
+def _raise_network_error(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` as ``_network_error`` words it (itself, if it already is one)."""
+    error = _network_error(exc)
+    if error is exc:
+        raise exc
+    raise error from exc
 
 
 def _read_bounded(
@@ -733,12 +738,8 @@ def _token_request(connect_timeout: float, io_timeout: float) -> Any:
             try:
                 conn = _connection(url, min(connect_timeout, wait), wait)
                 try:
-                    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-                    sent = dict(headers or {})
-                    if conn.proxy is not None and not conn.tunnelled:
-                        target = url
-                        if conn.proxy.authorization:
-                            sent["Proxy-Authorization"] = conn.proxy.authorization
+                    target, for_proxy = conn.request_form(url)
+                    sent = {**(headers or {}), **for_proxy}
                     conn.connect()
                     conn.request(method, target, body=body, headers=sent)
                     raw = conn.getresponse()
@@ -868,10 +869,7 @@ class Transport:
             where = _origin_text(url)
             raise ServiceError(f"cannot reach {where}: the proxy {exc.proxy} failed: {exc.why}") from None
         except (OSError, http.client.HTTPException) as exc:
-            error = _network_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
+            _raise_network_error(exc)
         return response
 
     def _exchange(self, method: str, url: str, body: _SlicedBody | None, headers: dict[str, str]) -> Response:
@@ -884,19 +882,14 @@ class Transport:
         if self._credentials is not None:
             self._credentials.before_request(self._auth_request, method, url, sent)
         conn = self._take()
-        target = url
-        if conn.proxy is None or conn.tunnelled:
-            parts = urllib.parse.urlsplit(url)
-            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        target, for_proxy = conn.request_form(url)
         started = time.monotonic()
         body_sent = True
         try:
             if conn.sock is None:
                 conn.connect()  # here, not inside a send: its failures are told apart
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            if conn.proxy is not None and not conn.tunnelled and conn.proxy.authorization:
-                conn.putheader("Proxy-Authorization", conn.proxy.authorization)
-            for name, value in sent.items():
+            for name, value in {**for_proxy, **sent}.items():
                 conn.putheader(name, value)
             conn.endheaders()
             try:

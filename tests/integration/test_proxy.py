@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -265,6 +266,15 @@ def put(exe: str, *args: str, data: bytes, env: dict[str, str], name: str = "obj
     return proc, time.monotonic() - started
 
 
+def put_https(exe: str, terminator: Relay, key: Path, *args: str, proxies: dict[str, str], **kwargs):
+    """``put`` to the TLS terminator with the service account ``key``, through ``proxies`` (the
+    environment's ``*_PROXY``); ``trust``: the certificate file given as REQUESTS_CA_BUNDLE."""
+    trust = kwargs.pop("trust", None)
+    env = {**proxies, **({"REQUESTS_CA_BUNDLE": str(trust)} if trust else {})}
+    kwargs.setdefault("data", os.urandom(SIZE))
+    return put(exe, *args, "--credentials", str(key), "--endpoint", terminator.url, env=env, **kwargs)
+
+
 @pytest.mark.parametrize("proxy_user", [False, True], ids=["no-proxy-credentials", "proxy-credentials"])
 def test_an_http_endpoint_is_reached_through_http_proxy_in_absolute_form(gcsstream_exe, gcs, proxy_user):
     data = os.urandom(SIZE)
@@ -298,10 +308,9 @@ def test_an_https_endpoint_is_reached_through_a_connect_tunnel(
     data = os.urandom(SIZE)
     with Relay() as proxy:
         proxy_url = with_credentials(proxy.url) if proxy_user else proxy.url
-        proc, _ = put(
-            gcsstream_exe, "--credentials", str(key), "--endpoint", terminator.url, data=data,
-            env={"HTTPS_PROXY": proxy_url, "REQUESTS_CA_BUNDLE": str(cert)},
-        )  # fmt: skip
+        proc, _ = put_https(
+            gcsstream_exe, terminator, key, data=data, proxies={"HTTPS_PROXY": proxy_url}, trust=cert
+        )
         assert proc.returncode == 0, proc.stderr.decode()
         assert_stored(gcs, BUCKET, "obj", data)
         assert [(s.method, s.target) for s in proxy.seen] == [("CONNECT", f"127.0.0.1:{terminator.port}")]
@@ -327,9 +336,9 @@ def test_the_token_fetch_goes_through_http_proxy(gcsstream_exe, gcs, https_endpo
     token_url = json.loads(key.read_text())["token_uri"]
     with Relay() as proxy:
         proxy_url = with_credentials(proxy.url)
-        proc, _ = put(
-            gcsstream_exe, "--credentials", str(key), "--endpoint", terminator.url, data=data,
-            env={"HTTPS_PROXY": proxy_url, "HTTP_PROXY": proxy_url, "REQUESTS_CA_BUNDLE": str(cert)},
+        proc, _ = put_https(
+            gcsstream_exe, terminator, key, data=data,
+            proxies={"HTTPS_PROXY": proxy_url, "HTTP_PROXY": proxy_url}, trust=cert,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr.decode()
         assert_stored(gcs, BUCKET, "obj", data)
@@ -349,10 +358,9 @@ def test_a_proxy_that_asks_for_credentials_fails_the_upload_at_once(
     terminator, cert = https_endpoint
     key, _ = service_account
     with Relay(refuse=407) as proxy:
-        proc, elapsed = put(
-            gcsstream_exe, "--retry-deadline", "30", "--credentials", str(key),
-            "--endpoint", terminator.url, data=os.urandom(SIZE),
-            env={"HTTPS_PROXY": with_credentials(proxy.url), "REQUESTS_CA_BUNDLE": str(cert)},
+        proc, elapsed = put_https(
+            gcsstream_exe, terminator, key, "--retry-deadline", "30",
+            proxies={"HTTPS_PROXY": with_credentials(proxy.url)}, trust=cert,
         )  # fmt: skip
         line = error_line(proc)
         assert proc.returncode == 1, line
@@ -374,10 +382,9 @@ def test_a_refused_certificate_inside_the_tunnel_is_the_certificate_not_the_prox
     terminator, _ = https_endpoint
     key, _ = service_account
     with Relay() as proxy:
-        proc, _ = put(
-            gcsstream_exe, "--retry-deadline", "30", "--credentials", str(key),
-            "--endpoint", terminator.url, data=os.urandom(SIZE), env={"HTTPS_PROXY": proxy.url},
-        )  # fmt: skip
+        proc, _ = put_https(
+            gcsstream_exe, terminator, key, "--retry-deadline", "30", proxies={"HTTPS_PROXY": proxy.url}
+        )
         line = error_line(proc)
         assert proc.returncode == 1, line
         assert f"cannot reach {terminator.url}: its TLS certificate was refused (self-signed" in line
@@ -434,11 +441,15 @@ def test_a_busy_proxy_is_retried_not_given_up_on(gcsstream_exe, gcs, https_endpo
     terminator, cert = https_endpoint
     key, _ = service_account
     with Relay(refuse=503) as proxy:
-        proc, _ = put(
-            gcsstream_exe, "--retry-deadline", "1", "--credentials", str(key),
-            "--endpoint", terminator.url, data=os.urandom(SIZE),
-            env={"HTTPS_PROXY": proxy.url, "REQUESTS_CA_BUNDLE": str(cert)},
-        )  # fmt: skip
+        proc, _ = put_https(
+            gcsstream_exe,
+            terminator,
+            key,
+            "--retry-deadline",
+            "1",
+            proxies={"HTTPS_PROXY": proxy.url},
+            trust=cert,
+        )
         err = proc.stderr.decode()
         assert proc.returncode == 75, err
         last = err.strip().splitlines()[-1]
